@@ -1,0 +1,177 @@
+"""Every fix PatchScaler needs for BasicSR 1.4.2 on today's torch stack, in one place.
+
+`import patchscaler` calls :func:`apply` before anything imports BasicSR. Nothing else in the code base
+patches BasicSR. What breaks and why is listed in ``shared/notes/basicsr-1.4.2.md``; each fix below says
+which row it answers.
+
+1. ``basicsr.data.degradations`` imports ``torchvision.transforms.functional_tensor`` (removed from
+   torchvision): an alias module pointing at ``torchvision.transforms.functional``.
+2. ``distutils`` (Python >= 3.12 has none): a minimal ``distutils.version.LooseVersion`` shim.
+3. Resume maps every tensor to CUDA: :func:`load_resume_state` maps to the training device (CPU when no
+   GPU is used) and loads with ``weights_only=True``.
+4. ``torch.load`` of networks: explicit ``weights_only=True`` and a one-line error for a checkpoint that
+   would need arbitrary unpickling or is truncated.
+5. Checkpoints are written in place, so a kill during the write leaves a truncated file that
+   ``--auto_resume`` later picks: networks and training states are written to a temporary file and
+   renamed (:func:`patchscaler.utils.checkpoint.atomic_save`).
+6. ``--launcher pytorch`` uses the global RANK as a GPU index and NCCL always: ``LOCAL_RANK`` picks the
+   GPU, and gloo is used when there is no CUDA. DDP on CPU gets ``device_ids=None``.
+"""
+import os
+import sys
+import types
+
+_applied = False
+
+
+def _alias_functional_tensor():
+    import torchvision.transforms.functional as functional
+    sys.modules.setdefault('torchvision.transforms.functional_tensor', functional)
+
+
+def _shim_distutils():
+    try:
+        from distutils.version import LooseVersion  # noqa: F401
+    except ImportError:  # Python >= 3.12 without setuptools' shim
+        import re
+
+        class LooseVersion:
+            """Enough of distutils' LooseVersion for BasicSR's torch-version comparisons."""
+
+            def __init__(self, vstring):
+                self.vstring = str(vstring)
+                self.version = [int(p) if p.isdigit() else p for p in re.split(r'[.+\-]', self.vstring) if p]
+
+            def _cmp_key(self, other):
+                other = other if isinstance(other, LooseVersion) else LooseVersion(other)
+                n = min(len(self.version), len(other.version))
+                return [str(v) for v in self.version[:n]], [str(v) for v in other.version[:n]]
+
+            def __lt__(self, other):
+                a, b = self._cmp_key(other)
+                return a < b
+
+            def __ge__(self, other):
+                return not self < other
+
+        distutils = types.ModuleType('distutils')
+        version = types.ModuleType('distutils.version')
+        version.LooseVersion = LooseVersion
+        distutils.version = version
+        sys.modules['distutils'] = distutils
+        sys.modules['distutils.version'] = version
+
+
+def training_device(opt):
+    """The device BasicSR's BaseModel trains on for these options."""
+    import torch
+    if opt.get('num_gpu', 0) != 0 and torch.cuda.is_available():
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def load_resume_state(opt):
+    """BasicSR's ``load_resume_state`` with the state mapped to the training device, not always CUDA."""
+    from os import path as osp
+
+    from basicsr.utils import check_resume, scandir
+
+    from patchscaler.utils.checkpoint import safe_torch_load
+
+    resume_state_path = None
+    if opt['auto_resume']:
+        state_path = osp.join('experiments', opt['name'], 'training_states')
+        if osp.isdir(state_path):
+            states = [int(v.split('.state')[0]) for v in scandir(state_path, suffix='.state', recursive=False)
+                      if v.split('.state')[0].isdigit()]
+            if states:
+                resume_state_path = osp.join(state_path, f'{max(states)}.state')
+                opt['path']['resume_state'] = resume_state_path
+    elif opt['path'].get('resume_state'):
+        resume_state_path = opt['path']['resume_state']
+    if resume_state_path is None:
+        return None
+    resume_state = safe_torch_load(resume_state_path, map_location=training_device(opt))
+    check_resume(opt, resume_state['iter'])
+    return resume_state
+
+
+def _init_dist_pytorch(backend='nccl', **kwargs):
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        backend = 'gloo'
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def _model_to_device(self, net):
+    import torch
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    net = net.to(self.device)
+    if self.opt['dist']:
+        find_unused = self.opt.get('find_unused_parameters', False)
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+    elif self.opt['num_gpu'] > 1:
+        net = DataParallel(net)
+    return net
+
+
+def _save_network(self, net, net_label, current_iter, param_key='params'):
+    from patchscaler.utils.checkpoint import atomic_save
+    current_iter = 'latest' if current_iter == -1 else current_iter
+    nets = net if isinstance(net, list) else [net]
+    keys = param_key if isinstance(param_key, list) else [param_key]
+    if len(nets) != len(keys):
+        raise ValueError('save_network: the lengths of net and param_key differ')
+    save_dict = {}
+    for net_, key in zip(nets, keys):
+        state = self.get_bare_model(net_).state_dict()
+        save_dict[key] = {(k[7:] if k.startswith('module.') else k): v.detach().cpu() for k, v in state.items()}
+    atomic_save(save_dict, os.path.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth'))
+
+
+def _save_training_state(self, epoch, current_iter):
+    from patchscaler.utils.checkpoint import atomic_save
+    if current_iter == -1:
+        return
+    state = {'epoch': epoch, 'iter': current_iter,
+             'optimizers': [o.state_dict() for o in self.optimizers],
+             'schedulers': [s.state_dict() for s in self.schedulers]}
+    extra = getattr(self, 'extra_training_state', None)
+    if extra is not None:
+        state.update(extra())
+    atomic_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+
+def _wrap_load_network(original):
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        from patchscaler.utils.checkpoint import explain_load_errors
+        with explain_load_errors(load_path):  # torch >= 2.6 (setup.cfg) loads with weights_only=True
+            return original(self, net, load_path, strict, param_key)
+    return load_network
+
+
+def apply():
+    """Apply every fix once; safe to call again."""
+    global _applied
+    if _applied:
+        return
+    _alias_functional_tensor()
+    _shim_distutils()
+
+    import basicsr.train
+    import basicsr.utils.dist_util as dist_util
+    from basicsr.models.base_model import BaseModel
+    from basicsr.utils.dist_util import master_only
+
+    basicsr.train.load_resume_state = load_resume_state
+    dist_util._init_dist_pytorch = _init_dist_pytorch
+    BaseModel.model_to_device = _model_to_device
+    BaseModel.save_network = master_only(_save_network)
+    BaseModel.save_training_state = master_only(_save_training_state)
+    BaseModel.load_network = _wrap_load_network(BaseModel.load_network)
+    _applied = True

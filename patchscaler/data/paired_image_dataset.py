@@ -1,0 +1,60 @@
+"""LR/HR pairs (or LR alone) for validation and testing, matched by file name.
+
+Compared with BasicSR's ``PairedImageDataset`` (whose option names it keeps): no ``filename_tmpl`` to get
+right, a missing GT folder is allowed (real LR test sets: no-reference metrics only), a GT whose size is
+not exactly ``scale`` × LR is cropped to it, and an unreadable file does not stop the run: the item comes
+back with an ``error`` entry, the model skips it and lists it at the end.
+"""
+import os
+
+from basicsr.utils import img2tensor
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data
+
+from patchscaler.data.image_io import ImageSource
+from patchscaler.utils.errors import DataError
+
+
+def _stem(key):
+    return os.path.splitext(os.path.basename(key))[0]
+
+
+@DATASET_REGISTRY.register()
+class PairedSRDataset(data.Dataset):
+    """Options: dataroot_lq (folder or .lmdb), dataroot_gt (optional), scale, meta_info (optional, LR side)."""
+
+    OPTION_KEYS = {'name', 'type', 'phase', 'scale', 'dataroot_lq', 'dataroot_gt', 'meta_info', 'io_backend',
+                   'num_worker_per_gpu', 'batch_size_per_gpu', 'filename_tmpl', 'prefetch_mode', 'pin_memory'}
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+        self.scale = int(opt['scale'])
+        self.lq = ImageSource(opt['dataroot_lq'], opt.get('meta_info'))
+        self.gt = ImageSource(opt['dataroot_gt']) if opt.get('dataroot_gt') else None
+        self.gt_index = {}
+        if self.gt is not None:
+            self.gt_index = {_stem(k): i for i, k in enumerate(self.gt.keys)}
+            missing = [k for k in self.lq.keys if _stem(k) not in self.gt_index]
+            if missing:
+                raise DataError(f'{len(missing)} LR image(s) have no GT of the same name in {opt["dataroot_gt"]}, '
+                                f'e.g. {missing[0]}')
+
+    def __len__(self):
+        return len(self.lq)
+
+    def __getitem__(self, index):
+        name = self.lq.name(index)
+        item = {'lq_path': name}
+        try:
+            lq = self.lq.read(index)
+            item['lq'] = img2tensor([lq], bgr2rgb=True, float32=True)[0]
+            if self.gt is not None:
+                gt = self.gt.read(self.gt_index[_stem(name)])
+                h, w = lq.shape[0] * self.scale, lq.shape[1] * self.scale
+                if gt.shape[0] < h or gt.shape[1] < w:
+                    raise DataError(f'GT of {name} is {gt.shape[1]}x{gt.shape[0]}, smaller than scale x LR ({w}x{h})')
+                item['gt'] = img2tensor([gt[:h, :w]], bgr2rgb=True, float32=True)[0]
+        except DataError as e:
+            item = {'lq_path': name, 'error': str(e)}
+        return item

@@ -1,0 +1,57 @@
+"""Checkpoint files: atomic writes and loads that refuse arbitrary unpickling."""
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+from .errors import CheckpointError
+
+
+def atomic_save(obj, path):
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old complete file or the new complete file, never a truncated
+    one; the temporary name does not end in ``.pth``/``.state``, so resume never picks it up.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def explain_load_errors(path):
+    """Turn the ways a checkpoint load fails into one :class:`CheckpointError` line."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f'{path} needs arbitrary unpickling to load ({first}); PatchScaler loads checkpoints with '
+            'weights_only=True only. Re-save it as a plain state_dict of tensors.') from None
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f'{path} is truncated or not a torch checkpoint ({e})') from None
+    except RuntimeError as e:
+        if 'zip archive' in str(e) or 'PytorchStreamReader' in str(e):
+            raise CheckpointError(f'{path} is truncated or not a torch checkpoint') from None
+        raise
+
+
+def safe_torch_load(path, map_location='cpu'):
+    """``torch.load(path, weights_only=True)`` with one-line errors."""
+    with explain_load_errors(path):
+        return torch.load(path, map_location=map_location, weights_only=True)

@@ -1,0 +1,129 @@
+"""Check an option file before a run starts, so a typo costs one clear line and not a crash mid-training.
+
+BasicSR reads options with ``opt[key]`` / ``opt.get(key)`` wherever they are needed: a misspelt key is
+silently ignored or fails deep inside a run. :func:`check_options` looks at the whole file up front:
+unknown top-level and section keys (with a "did you mean"), unknown registry types, arguments a network's
+constructor does not take, and dataset paths that do not exist.
+"""
+import difflib
+import inspect
+import os
+
+from .errors import ConfigError
+
+TOP_LEVEL_KEYS = {
+    'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'path', 'train', 'val', 'logger',
+    'dist_params', 'find_unused_parameters', 'autoencoder', 'degradation', 'is_train', 'dist', 'rank',
+    'world_size', 'auto_resume', 'root_path'}
+SECTION_KEYS = {
+    'logger': {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'},
+    'val': {'val_freq', 'save_img', 'metrics', 'pbar', 'suffix'},
+    'path': None,  # checked by prefix below
+}
+PATH_PREFIXES = ('pretrain_network_', 'param_key_', 'strict_load_')
+PATH_KEYS = {'resume_state', 'ignore_resume_networks', 'experiments_root', 'models', 'training_states', 'log',
+             'visualization', 'results_root'}
+
+
+def _suggest(key, known):
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ''
+
+
+def _check_keys(where, given, known):
+    for key in given:
+        if key not in known:
+            raise ConfigError(f"unknown option '{where}{key}'{_suggest(key, known)}")
+
+
+def _registry_get(registry, name, where):
+    try:
+        return registry.get(name)
+    except KeyError:
+        known = list(registry.keys()) if hasattr(registry, 'keys') else []
+        raise ConfigError(f"{where}: unknown type '{name}'{_suggest(name, known)}") from None
+
+
+def build_from_registry(registry, opt, where):
+    """Build ``registry[opt['type']](**rest)`` with one-line errors for unknown types and arguments."""
+    if not isinstance(opt, dict) or 'type' not in opt:
+        raise ConfigError(f"{where} must be a mapping with a 'type', got {opt!r}")
+    kwargs = dict(opt)
+    cls = _registry_get(registry, kwargs.pop('type'), where)
+    check_signature(cls, kwargs, where)
+    return cls(**kwargs)
+
+
+def check_signature(cls, kwargs, where):
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    known = {k for k in params if k != 'self'}
+    _check_keys(f'{where}.', kwargs, known)
+    missing = [k for k, p in params.items()
+               if k != 'self' and p.default is p.empty and p.kind == p.POSITIONAL_OR_KEYWORD and k not in kwargs]
+    if missing:
+        raise ConfigError(f'{where} ({cls.__name__}) is missing required option(s) {missing}')
+
+
+def _check_path(where, path):
+    if path is None:
+        return
+    if not os.path.exists(os.path.expanduser(str(path))):
+        raise ConfigError(f"{where}: path does not exist: {path}")
+
+
+def _check_dataset(phase, ds):
+    from basicsr.utils.registry import DATASET_REGISTRY
+    where = f'datasets.{phase}'
+    if not isinstance(ds, dict) or 'type' not in ds:
+        raise ConfigError(f"{where} must be a mapping with a 'type'")
+    cls = _registry_get(DATASET_REGISTRY, ds['type'], where)
+    known = getattr(cls, 'OPTION_KEYS', None)
+    if known is not None:
+        _check_keys(f'{where}.', ds, known)
+    for key in ('dataroot_gt', 'dataroot_lq', 'meta_info'):
+        _check_path(f'{where}.{key}', ds.get(key))
+
+
+def check_options(opt):
+    """Raise :class:`ConfigError` (one line) for the first problem found in a parsed option dict."""
+    from basicsr.archs import build_network  # noqa: F401  (fills ARCH_REGISTRY)
+    from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
+
+    if not isinstance(opt, dict):
+        raise ConfigError('an option file must be a YAML mapping')
+    for key in ('name', 'model_type', 'datasets', 'path'):
+        if key not in opt:
+            raise ConfigError(f"option file is missing the required key '{key}'")
+    for key in opt:
+        if key not in TOP_LEVEL_KEYS and not key.startswith('network_'):
+            raise ConfigError(f"unknown option '{key}'{_suggest(key, TOP_LEVEL_KEYS)}")
+    model_cls = _registry_get(MODEL_REGISTRY, opt['model_type'], 'model_type')
+    for section, known in SECTION_KEYS.items():
+        if opt.get(section) is not None and not isinstance(opt[section], dict):
+            raise ConfigError(f"'{section}' must be a mapping")
+        if known is not None and opt.get(section):
+            _check_keys(f'{section}.', opt[section], known)
+    for key in opt['path'] or {}:
+        if key not in PATH_KEYS and not key.startswith(PATH_PREFIXES):
+            raise ConfigError(f"unknown option 'path.{key}'{_suggest(key, PATH_KEYS)}")
+        if key.startswith('pretrain_network_') or key == 'resume_state':
+            _check_path(f'path.{key}', opt['path'][key])
+    train_keys = getattr(model_cls, 'TRAIN_OPTION_KEYS', None)
+    if train_keys is not None and opt.get('train'):
+        _check_keys('train.', opt['train'], train_keys)
+    for key, net in opt.items():
+        if key.startswith('network_'):
+            if not isinstance(net, dict) or 'type' not in net:
+                raise ConfigError(f"{key} must be a mapping with a 'type'")
+            check_signature(_registry_get(ARCH_REGISTRY, net['type'], key), {k: v for k, v in net.items()
+                                                                                  if k != 'type'}, key)
+    if isinstance(opt.get('autoencoder'), dict) and 'type' in opt['autoencoder']:
+        ae = opt['autoencoder']
+        check_signature(_registry_get(ARCH_REGISTRY, ae['type'], 'autoencoder'),
+                        {k: v for k, v in ae.items() if k != 'type'}, 'autoencoder')
+    if not isinstance(opt['datasets'], dict) or not opt['datasets']:
+        raise ConfigError("'datasets' must map phases (train, val, test_1, ...) to dataset options")
+    for phase, ds in opt['datasets'].items():
+        _check_dataset(phase, ds)
