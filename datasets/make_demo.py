@@ -29,9 +29,7 @@ import numpy as np
 
 sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), osp.pardir)))
 
-import patchscaler  # noqa: E402,F401
-from basicsr.utils.matlab_functions import imresize  # noqa: E402
-
+import patchscaler  # noqa: E402,F401  (before any basicsr import: applies the compat fixes)
 from patchscaler.data.lmdb_builder import build_lmdb  # noqa: E402
 
 TRAIN = ['astronaut', 'chelsea', 'hubble_deep_field', 'immunohistochemistry', 'retina', 'colorwheel', 'brick',
@@ -59,6 +57,7 @@ def center_crop(img, size):
 
 def degrade_fixed(hr, seed):
     """The documented fixed degradation: blur -> x4 bicubic down -> noise -> JPEG. uint8 in, uint8 out."""
+    from basicsr.utils.matlab_functions import imresize
     x = cv2.GaussianBlur(hr.astype(np.float32) / 255.0, (9, 9), 1.2)
     x = imresize(x, 1 / SCALE)
     x = x + np.random.default_rng(seed).normal(0, 5 / 255.0, x.shape).astype(np.float32)

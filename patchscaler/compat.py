@@ -8,7 +8,8 @@ which row it answers.
    torchvision): an alias module pointing at ``torchvision.transforms.functional``.
 2. ``distutils`` (Python >= 3.12 has none): a minimal ``distutils.version.LooseVersion`` shim.
 3. Resume maps every tensor to CUDA: :func:`load_resume_state` maps to the training device (CPU when no
-   GPU is used) and loads with ``weights_only=True``.
+   GPU is used), loads with ``weights_only=True``, and looks for states under ``root_path`` (BasicSR
+   writes there but looked relative to the working directory).
 4. ``torch.load`` of networks: explicit ``weights_only=True`` and a one-line error for a checkpoint that
    would need arbitrary unpickling or is truncated.
 5. Checkpoints are written in place, so a kill during the write leaves a truncated file that
@@ -80,7 +81,8 @@ def load_resume_state(opt):
 
     resume_state_path = None
     if opt['auto_resume']:
-        state_path = osp.join('experiments', opt['name'], 'training_states')
+        # BasicSR looks relative to the cwd while it writes under root_path; look where it writes
+        state_path = osp.join(opt.get('root_path', '.'), 'experiments', opt['name'], 'training_states')
         if osp.isdir(state_path):
             states = [int(v.split('.state')[0]) for v in scandir(state_path, suffix='.state', recursive=False)
                       if v.split('.state')[0].isdigit()]

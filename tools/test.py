@@ -2,16 +2,16 @@
 
 Results (images, confidence maps, side-by-side strips, log with metrics) go to ``results/<name>/``.
 """
+import os
 import os.path as osp
 import sys
 
-ROOT = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
-sys.path.insert(0, ROOT)
+REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+sys.path.insert(0, REPO)  # run from a checkout without installing, too
 
-import patchscaler  # noqa: E402,F401  (compat fixes + registration, before BasicSR runs)
-from basicsr.test import test_pipeline  # noqa: E402
-
-from patchscaler.utils.cli import run_pipeline  # noqa: E402
+from patchscaler.utils.cli import run_pipeline  # noqa: E402  (importing patchscaler applies BasicSR's fixes)
 
 if __name__ == '__main__':
-    run_pipeline(test_pipeline, ROOT)
+    # outputs (experiments/, results/, tb_logger/) land in the working directory, where the option
+    # files' relative data paths are resolved too
+    run_pipeline('test', os.getcwd())

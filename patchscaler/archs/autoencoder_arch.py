@@ -15,7 +15,6 @@ Inputs must have H and W divisible by ``downscale_factor``; :func:`pad_to_multip
 """
 import os
 
-import torch
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn

@@ -34,8 +34,15 @@ DEFAULTS = dict(
 
 
 def _blur(x, kernel):
-    """BasicSR's filter2D ``view``s its input, which fails on the non-contiguous tensors JPEG/resize give on CPU."""
-    return filter2D(x.contiguous(), kernel)
+    """BasicSR's filter2D, made safe for what random resizing produces: its ``view`` needs a contiguous input
+    (JPEG/resize outputs are not, on CPU), and its reflect padding needs sides longer than half the kernel
+    (a small crop shrunk by 0.15 is not): such inputs are replicate-padded first and cropped back."""
+    pad = kernel.shape[-1] // 2
+    h, w = x.shape[-2:]
+    if min(h, w) > pad:
+        return filter2D(x.contiguous(), kernel)
+    x = F.pad(x, (pad, pad, pad, pad), mode='replicate')
+    return filter2D(x.contiguous(), kernel)[..., pad:pad + h, pad:pad + w]
 
 
 class SeparableUSMSharp(torch.nn.Module):
@@ -112,6 +119,9 @@ class RealESRGANDegradation:
         gt_usm = self.usm_sharpener(gt)  # Real-ESRGAN degrades the sharpened GT
         h, w = gt.shape[-2:]
         lr_size = (h // scale, w // scale)
+        if gt_size is not None and min(lr_size) * scale < gt_size:
+            raise ConfigError(f'gt_size {gt_size} is larger than the training crop {h}x{w}; '
+                              'lower gt_size or raise the dataset crop_pad_size')
 
         # stage one: blur, resize, noise, JPEG
         out = _blur(gt_usm, batch['kernel1'].to(self.device))
@@ -135,8 +145,5 @@ class RealESRGANDegradation:
         gt = gt_usm if o['gt_usm'] else gt
 
         if gt_size is not None:
-            if min(lr_size) * scale < gt_size:
-                raise ConfigError(f'gt_size {gt_size} is larger than the training crop {h}x{w}; '
-                                  'lower gt_size or raise the dataset crop_pad_size')
             gt, lq = paired_random_crop(gt, lq, gt_size, scale)
         return lq.contiguous(), gt.contiguous()

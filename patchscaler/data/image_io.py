@@ -7,6 +7,7 @@ EXIF orientation applied. A file that does not decode raises :class:`DataError` 
 :class:`ImageSource` lists and reads images from a folder (recursively, image extensions only, optionally
 restricted by a meta_info file) or from a BasicSR LMDB (keys from its ``meta_info.txt``).
 """
+import io
 import os
 
 import cv2
@@ -17,15 +18,34 @@ from patchscaler.utils.errors import DataError
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
+_ORIENT = {  # EXIF orientation -> how to turn the stored pixels upright
+    2: lambda x: cv2.flip(x, 1), 3: lambda x: cv2.rotate(x, cv2.ROTATE_180), 4: lambda x: cv2.flip(x, 0),
+    5: lambda x: cv2.flip(cv2.rotate(x, cv2.ROTATE_90_CLOCKWISE), 1),
+    6: lambda x: cv2.rotate(x, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda x: cv2.flip(cv2.rotate(x, cv2.ROTATE_90_COUNTERCLOCKWISE), 1),
+    8: lambda x: cv2.rotate(x, cv2.ROTATE_90_COUNTERCLOCKWISE)}
+
+
+def _exif_orientation(buf):
+    try:
+        from PIL import Image
+        with Image.open(io.BytesIO(buf)) as im:
+            return int(im.getexif().get(0x0112, 1))
+    except Exception:  # no EXIF, or a format PIL does not know: stored orientation
+        return 1
+
+
 def decode_image(buf, name='<bytes>', with_alpha=False):
     """Bytes -> float32 BGR (H, W, 3) in [0, 1] (and alpha (H, W) in [0, 1] or None with ``with_alpha``)."""
     if buf is None or len(buf) == 0:
         raise DataError(f'{name}: empty or missing image data')
-    arr = np.frombuffer(buf, np.uint8)
-    # ANYDEPTH keeps 16 bit, ANYCOLOR keeps the channel count; orientation is applied unless IGNORE is set
-    img = cv2.imdecode(arr, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR | (cv2.IMREAD_UNCHANGED if with_alpha else 0))
+    # UNCHANGED keeps 16 bit and alpha but skips EXIF orientation, which is applied below for every format
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise DataError(f'{name}: cannot decode image (corrupt, truncated or not an image)')
+    orientation = _exif_orientation(buf)
+    if orientation in _ORIENT:
+        img = _ORIENT[orientation](img)
     if img.dtype == np.uint8:
         img = img.astype(np.float32) / 255.0
     elif img.dtype == np.uint16:
@@ -61,6 +81,19 @@ def lmdb_key(name):
     return stem.encode('ascii', 'replace').decode('ascii').replace('?', '_').replace(' ', '_')
 
 
+_ENVS = {}
+
+
+def _lmdb_env(path):
+    """One read-only environment per LMDB and process: lmdb refuses a second open of the same file in a
+    process, and an environment must not cross a fork (each dataloader worker opens its own)."""
+    key = (os.path.realpath(path), os.getpid())
+    if key not in _ENVS:
+        import lmdb
+        _ENVS[key] = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+    return _ENVS[key]
+
+
 class ImageSource:
     """Images of a folder or a BasicSR LMDB, addressed by key (folder: relative path; LMDB: key).
 
@@ -73,7 +106,6 @@ class ImageSource:
     def __init__(self, root, meta_info=None):
         self.root = root
         self.is_lmdb = root.endswith('.lmdb')
-        self._env = None
         if self.is_lmdb:
             if not os.path.isfile(os.path.join(root, 'data.mdb')):
                 raise DataError(f'LMDB not found: {root} (no data.mdb); build it with datasets/make_lmdb.py')
@@ -113,10 +145,7 @@ class ImageSource:
                     return f.read()
             except OSError as e:
                 raise DataError(f'{os.path.join(self.root, key)}: cannot read ({e.strerror})') from None
-        if self._env is None:  # opened lazily: one environment per dataloader worker
-            import lmdb
-            self._env = lmdb.open(self.root, readonly=True, lock=False, readahead=False, meminit=False)
-        with self._env.begin(write=False) as txn:
+        with _lmdb_env(self.root).begin(write=False) as txn:
             buf = txn.get(key.encode('ascii'))
         if buf is None:
             raise DataError(f'key {key!r} listed in the meta_info of {self.root} is missing from the LMDB')
@@ -126,7 +155,3 @@ class ImageSource:
         """Image ``index`` as float32 BGR (H, W, 3) in [0, 1]; :class:`DataError` if unreadable."""
         return decode_image(self.get_bytes(index), f'{self.root}/{self.keys[index]}')
 
-    def __getstate__(self):  # LMDB environments do not pickle; workers reopen their own
-        state = self.__dict__.copy()
-        state['_env'] = None
-        return state

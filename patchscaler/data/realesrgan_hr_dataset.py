@@ -31,7 +31,8 @@ KERNEL_RANGE = [2 * v + 1 for v in range(3, 11)]  # 7 ... 21
 class RealESRGANHRDataset(data.Dataset):
     """Options (beyond BasicSR's ``name``, ``type``, ``phase``, loader keys):
 
-    dataroot_gt (str): folder or ``.lmdb``. meta_info (str, optional). crop_pad_size (int, default 400).
+    dataroot_gt (str | list[str]): folder(s) or ``.lmdb``(s), used together (paper: LSDIR + HQ-50K).
+    meta_info (str, optional; with a single root only). crop_pad_size (int, default 400).
     use_hflip, use_rot (bool). blur_kernel_size, kernel_list, kernel_prob, blur_sigma, betag_range,
     betap_range, sinc_prob and the same with suffix 2, final_sinc_prob: Real-ESRGAN's kernel options.
     max_skips (int, default 20): consecutive unreadable images tolerated.
@@ -48,7 +49,9 @@ class RealESRGANHRDataset(data.Dataset):
     def __init__(self, opt):
         super().__init__()
         self.opt = opt
-        self.source = ImageSource(opt['dataroot_gt'], opt.get('meta_info'))
+        roots = opt['dataroot_gt'] if isinstance(opt['dataroot_gt'], (list, tuple)) else [opt['dataroot_gt']]
+        self.sources = [ImageSource(root, opt.get('meta_info') if len(roots) == 1 else None) for root in roots]
+        self.index = [(s, i) for s in self.sources for i in range(len(s))]
         self.crop_pad_size = int(opt.get('crop_pad_size', 400))
         self.max_skips = int(opt.get('max_skips', 20))
         self._bad = set()
@@ -56,18 +59,19 @@ class RealESRGANHRDataset(data.Dataset):
         self.pulse_tensor[KERNEL_SIZE // 2, KERNEL_SIZE // 2] = 1  # identity kernel
 
     def __len__(self):
-        return len(self.source)
+        return len(self.index)
 
     def _read_good_image(self, index):
         for _ in range(self.max_skips):
+            source, i = self.index[index]
             try:
-                return self.source.read(index)
+                return source.read(i), source.name(i)
             except DataError as e:
                 if index not in self._bad:
                     self._bad.add(index)
                     get_root_logger().warning(f'skipping unreadable training image: {e}')
                 index = random.randrange(len(self))
-        raise DataError(f'{self.max_skips} unreadable images in a row in {self.source.root}; check the dataset')
+        raise DataError(f'{self.max_skips} unreadable images in a row in {self.opt["dataroot_gt"]}; check the dataset')
 
     def _crop_or_pad(self, img):
         size = self.crop_pad_size
@@ -102,9 +106,9 @@ class RealESRGANHRDataset(data.Dataset):
         return self.pulse_tensor
 
     def __getitem__(self, index):
-        img = self._read_good_image(index)
+        img, name = self._read_good_image(index)
         img = augment(img, self.opt.get('use_hflip', True), self.opt.get('use_rot', False))
         img = self._crop_or_pad(img)
         gt = img2tensor([img], bgr2rgb=True, float32=True)[0]
         return {'gt': gt, 'kernel1': self._kernel(''), 'kernel2': self._kernel('2'),
-                'sinc_kernel': self._final_sinc(), 'gt_path': self.source.name(index)}
+                'sinc_kernel': self._final_sinc(), 'gt_path': name}

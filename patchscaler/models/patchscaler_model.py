@@ -43,7 +43,8 @@ class PatchScalerModel(BaseModel):
         super().__init__(opt)
         self.scale = int(opt['scale'])
         if 'autoencoder' not in opt:
-            raise ConfigError("options need an 'autoencoder' entry, e.g. {type: PixelUnshuffleAutoencoder, downscale: 4}")
+            raise ConfigError("options need an 'autoencoder' entry, "
+                              'e.g. {type: PixelUnshuffleAutoencoder, downscale: 4}')
         self.autoencoder = build_autoencoder(opt['autoencoder']).to(self.device)
         self.net_grm = self.model_to_device(build_network(opt['network_grm']))
         self.print_network(self.net_grm)

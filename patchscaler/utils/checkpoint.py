@@ -39,12 +39,14 @@ def explain_load_errors(path):
     try:
         yield
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'weights_only' not in str(e).lower() and 'weights only' not in str(e).lower():
+            raise CheckpointError(f'{path} is not a torch checkpoint (or is truncated)') from None
+        first = next((ln.strip() for ln in str(e).splitlines() if 'unsupported' in ln.lower()), 'see torch.load')
         raise CheckpointError(
             f'{path} needs arbitrary unpickling to load ({first}); PatchScaler loads checkpoints with '
             'weights_only=True only. Re-save it as a plain state_dict of tensors.') from None
-    except (zipfile.BadZipFile, EOFError) as e:
-        raise CheckpointError(f'{path} is truncated or not a torch checkpoint ({e})') from None
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{path} is not a torch checkpoint or is truncated ({type(e).__name__})') from None
     except RuntimeError as e:
         if 'zip archive' in str(e) or 'PytorchStreamReader' in str(e):
             raise CheckpointError(f'{path} is truncated or not a torch checkpoint') from None

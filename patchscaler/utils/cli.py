@@ -19,6 +19,7 @@ def _option_file_from_argv(argv):
 def load_option_file(path):
     """Read a YAML option file with one-line errors (missing file, YAML syntax)."""
     from basicsr.utils.options import ordered_yaml
+
     from .errors import ConfigError
     if not path or not os.path.isfile(path):
         raise ConfigError(f'option file not found: {path}')
@@ -31,9 +32,14 @@ def load_option_file(path):
         raise ConfigError(f'{path}:{where} is not valid YAML ({getattr(e, "problem", e)})') from None
 
 
-def run_pipeline(pipeline, root_path):
-    """Check the ``-opt`` file, then run BasicSR's ``train_pipeline`` / ``test_pipeline`` from ``root_path``."""
+def run_pipeline(kind, root_path):
+    """Check the ``-opt`` file, then run BasicSR's ``train_pipeline`` (kind 'train') or ``test_pipeline``
+    ('test') with outputs under ``root_path``."""
     from .options_check import check_options
+    if kind == 'train':
+        from basicsr.train import train_pipeline as pipeline
+    else:
+        from basicsr.test import test_pipeline as pipeline
     try:
         check_options(load_option_file(_option_file_from_argv(sys.argv[1:])))
         pipeline(root_path)

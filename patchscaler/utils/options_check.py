@@ -69,6 +69,10 @@ def check_signature(cls, kwargs, where):
 def _check_path(where, path):
     if path is None:
         return
+    if isinstance(path, (list, tuple)):
+        for p in path:
+            _check_path(where, p)
+        return
     if not os.path.exists(os.path.expanduser(str(path))):
         raise ConfigError(f"{where}: path does not exist: {path}")
 

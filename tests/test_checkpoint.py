@@ -1,0 +1,172 @@
+"""Checkpoint files: atomic writes, and loads that refuse truncated files and arbitrary unpickling."""
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import patchscaler  # noqa: F401  (registration; conftest.py imports it before BasicSR)
+from patchscaler.utils import checkpoint
+from patchscaler.utils.checkpoint import atomic_save, explain_load_errors, safe_torch_load
+from patchscaler.utils.errors import CheckpointError
+
+
+class CustomThing:
+    """A class torch.load(weights_only=True) must refuse to unpickle."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {'params': OrderedDict(w=torch.randn(3, 4, generator=g), b=torch.randn(4, generator=g)),
+            'iter': 12, 'names': ['a', 'b']}
+
+
+def _leftovers(folder, keep):
+    return sorted(f for f in os.listdir(folder) if f not in keep)
+
+
+def test_atomic_save_round_trip(tmp_path):
+    path = tmp_path / 'models' / 'net_g_10.pth'  # folder created on the way
+    state = _state()
+    atomic_save(state, str(path))
+    loaded = safe_torch_load(str(path))
+    assert loaded['iter'] == 12 and loaded['names'] == ['a', 'b']
+    for k in ('w', 'b'):
+        assert torch.equal(loaded['params'][k], state['params'][k])
+    assert _leftovers(path.parent, {'net_g_10.pth'}) == []  # no temporary file left
+
+
+def test_atomic_save_overwrites(tmp_path):
+    path = str(tmp_path / 'x.state')
+    atomic_save(_state(0), path)
+    atomic_save(_state(1), path)
+    assert torch.equal(safe_torch_load(path)['params']['w'], _state(1)['params']['w'])
+    assert os.listdir(tmp_path) == ['x.state']
+
+
+def test_atomic_save_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    atomic_save({'a': torch.ones(1)}, 'rel.pth')
+    assert torch.equal(safe_torch_load('rel.pth')['a'], torch.ones(1))
+
+
+@pytest.mark.parametrize('exc', [RuntimeError('disk full'), KeyboardInterrupt()])
+def test_failed_save_keeps_old_file(tmp_path, monkeypatch, exc):
+    path = tmp_path / '100.state'
+    atomic_save(_state(0), str(path))
+    old_bytes = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'PK\x03\x04 partial checkpoint bytes')
+        f.flush()
+        raise exc
+
+    monkeypatch.setattr(checkpoint.torch, 'save', broken_save)
+    with pytest.raises(type(exc)):
+        atomic_save(_state(1), str(path))
+    monkeypatch.undo()
+    assert path.read_bytes() == old_bytes
+    assert torch.equal(safe_torch_load(str(path))['params']['w'], _state(0)['params']['w'])
+    assert os.listdir(tmp_path) == ['100.state']  # the temporary file was removed
+
+
+def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'partial')
+        raise OSError('no space left on device')
+
+    monkeypatch.setattr(checkpoint.torch, 'save', broken_save)
+    with pytest.raises(OSError):
+        atomic_save(_state(), str(tmp_path / 'net.pth'))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.1, 0.0])
+def test_truncated_checkpoint(tmp_path, keep):
+    path = tmp_path / 'net.pth'
+    atomic_save(_state(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(CheckpointError) as info:
+        safe_torch_load(str(path))
+    msg = str(info.value)
+    assert str(path) in msg and 'truncated' in msg
+    assert '\n' not in msg
+
+
+@pytest.mark.parametrize('content', [
+    b'version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 67040989\n',  # LFS pointer
+    b'<!DOCTYPE html><html><body>404 Not Found</body></html>\n',  # a failed download
+    b'\0' * 100])
+def test_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / 'notes.pth'
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match='notes.pth'):
+        safe_torch_load(str(path))
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / 'hello.pth'
+    path.write_text('hello, this is text\n' * 20)
+    with pytest.raises(CheckpointError, match='hello.pth'):
+        safe_torch_load(str(path))
+
+
+def test_custom_class_needs_unpickling(tmp_path):
+    path = tmp_path / 'pickled.pth'
+    torch.save({'params': {'w': torch.ones(2)}, 'extra': CustomThing(3)}, str(path))
+    with pytest.raises(CheckpointError) as info:
+        safe_torch_load(str(path))
+    msg = str(info.value)
+    assert 'weights_only' in msg and str(path) in msg
+    assert '\n' not in msg
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match='checkpoint not found'):
+        safe_torch_load(str(tmp_path / 'nope.pth'))
+    with pytest.raises(CheckpointError, match='checkpoint not found'):
+        safe_torch_load(str(tmp_path))  # a folder is not a checkpoint file either
+
+
+def test_explain_load_errors_passes_other_errors(tmp_path):
+    path = tmp_path / 'ok.pth'
+    atomic_save({'a': torch.ones(1)}, str(path))
+    with pytest.raises(RuntimeError, match='size mismatch'), explain_load_errors(str(path)):
+        raise RuntimeError('size mismatch for weight')
+    with explain_load_errors(str(path)):
+        value = safe_torch_load(str(path))
+    assert torch.equal(value['a'], torch.ones(1))
+
+
+def test_checkpoint_error_is_runtime_error():
+    assert issubclass(CheckpointError, RuntimeError)
+
+
+def test_base_model_save_and_load_network(tmp_path):
+    """The compat-patched BaseModel writes networks atomically and loads them with one-line errors."""
+    from basicsr.models.base_model import BaseModel
+
+    class Tiny(BaseModel):
+        def __init__(self):  # just enough of BaseModel for save/load_network
+            self.opt = {'dist': False, 'num_gpu': 0, 'path': {'models': str(tmp_path)}}
+            self.device = torch.device('cpu')
+
+    model = Tiny()
+    net = torch.nn.Linear(3, 2)
+    model.save_network(net, 'net_g', 5)
+    path = tmp_path / 'net_g_5.pth'
+    assert _leftovers(tmp_path, {'net_g_5.pth'}) == []
+    saved = safe_torch_load(str(path))
+    assert set(saved['params']) == {'weight', 'bias'}
+    other = torch.nn.Linear(3, 2)
+    model.load_network(other, str(path))
+    assert torch.equal(other.weight, net.weight)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match='truncated'):
+        model.load_network(other, str(path))
+    with pytest.raises(CheckpointError, match='not found'):
+        model.load_network(other, str(tmp_path / 'missing.pth'))

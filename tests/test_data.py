@@ -1,0 +1,540 @@
+"""Image reading, ImageSource (folder / LMDB), the LMDB builder, both datasets and the Real-ESRGAN degradation."""
+import os
+import pickle
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import random_bgr, write_png
+from PIL import Image
+
+import patchscaler  # noqa: F401  (registration; conftest.py imports it before BasicSR)
+from patchscaler.data.degradation import RealESRGANDegradation, SeparableUSMSharp
+from patchscaler.data.image_io import ImageSource, decode_image, lmdb_key, read_image
+from patchscaler.data.lmdb_builder import build_lmdb
+from patchscaler.data.paired_image_dataset import PairedSRDataset
+from patchscaler.data.realesrgan_hr_dataset import RealESRGANHRDataset
+from patchscaler.utils.errors import ConfigError, DataError
+
+
+def _seed(s=0):
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _corrupt_png(path, good=None):
+    """A PNG cut in the middle of its image data."""
+    buf = cv2.imencode('.png', good if good is not None else random_bgr(32, 32, seed=9))[1].tobytes()
+    path.write_bytes(buf[:len(buf) // 2])
+    return path
+
+
+# ----------------------------------------------------------------------------- decode_image / read_image
+def test_read_rgb_png_is_bgr_float(tmp_path):
+    img = random_bgr(5, 7)
+    path = write_png(str(tmp_path / 'rgb.png'), img)
+    out = read_image(path)
+    assert out.dtype == np.float32 and out.shape == (5, 7, 3)
+    assert out.flags['C_CONTIGUOUS']
+    np.testing.assert_allclose(out, img.astype(np.float32) / 255, atol=1e-7)
+
+
+def test_read_grayscale_png(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    path = write_png(str(tmp_path / 'gray.png'), gray)
+    out = read_image(path)
+    assert out.dtype == np.float32 and out.shape == (3, 4, 3)
+    assert out.min() >= 0 and out.max() <= 1
+    for c in range(3):
+        np.testing.assert_allclose(out[..., c], gray / 255.0, atol=1e-7)
+
+
+def test_read_rgba_png(tmp_path):
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., 0] = 255  # red
+    rgba[..., 2] = 40
+    rgba[..., 3] = 128
+    rgba[0, 0, 3] = 0
+    path = tmp_path / 'rgba.png'
+    Image.fromarray(rgba, 'RGBA').save(path)
+    out = read_image(str(path))
+    assert out.shape == (4, 6, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[1, 1], [40 / 255, 0, 1], atol=1e-6)  # BGR
+    img, alpha = read_image(str(path), with_alpha=True)
+    assert img.shape == (4, 6, 3)
+    np.testing.assert_allclose(img[2, 3], [40 / 255, 0, 1], atol=1e-6)
+    assert alpha.shape == (4, 6) and alpha.dtype == np.float32
+    assert alpha[0, 0] == 0
+    assert alpha[1, 1] == pytest.approx(128 / 255)
+
+
+def test_read_gray_alpha_png(tmp_path):
+    la = np.stack([np.full((3, 3), 100, np.uint8), np.full((3, 3), 255, np.uint8)], axis=-1)
+    path = tmp_path / 'la.png'
+    Image.fromarray(la, 'LA').save(path)
+    img, alpha = read_image(str(path), with_alpha=True)
+    assert img.shape == (3, 3, 3)
+    np.testing.assert_allclose(img, 100 / 255, atol=1e-6)
+    np.testing.assert_allclose(alpha, 1.0)
+    assert read_image(str(path)).shape == (3, 3, 3)
+
+
+def test_with_alpha_on_opaque_image_returns_none(tmp_path):
+    path = write_png(str(tmp_path / 'rgb.png'), random_bgr(4, 4))
+    img, alpha = read_image(path, with_alpha=True)
+    assert img.shape == (4, 4, 3) and alpha is None
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_read_16bit_png(tmp_path, channels):
+    shape = (4, 5) if channels == 1 else (4, 5, 3)
+    img = np.random.default_rng(0).integers(0, 65536, size=shape, dtype=np.uint16)
+    img[1, 2] = 40000
+    path = write_png(str(tmp_path / 'deep.png'), img)
+    out = read_image(path)
+    assert out.dtype == np.float32 and out.shape == (4, 5, 3)
+    # 16-bit values are scaled by 65535, not 255, and keep their precision
+    assert out[1, 2, 0] == pytest.approx(40000 / 65535, abs=1e-7)
+    ref = img.astype(np.float32) / 65535
+    np.testing.assert_allclose(out, ref[..., None].repeat(3, -1) if channels == 1 else ref, atol=1e-7)
+    assert out.max() <= 1.0
+
+
+def test_read_palette_png(tmp_path):
+    idx = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    im = Image.fromarray(idx, 'L').convert('P')
+    im = Image.fromarray(idx, 'P')
+    im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    path = tmp_path / 'pal.png'
+    im.save(path)
+    assert Image.open(path).mode == 'P'
+    out = read_image(str(path))
+    assert out.shape == (2, 3, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 0], [0, 0, 1])  # red in BGR
+    np.testing.assert_allclose(out[0, 1], [0, 1, 0])
+    np.testing.assert_allclose(out[0, 2], [1, 0, 0])  # blue
+
+
+def test_read_jpeg(tmp_path):
+    path = tmp_path / 'x.jpg'
+    cv2.imwrite(str(path), np.full((8, 8, 3), 128, np.uint8))
+    out = read_image(str(path))
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_allclose(out, 128 / 255, atol=3 / 255)
+
+
+def test_truncated_png_raises_data_error(tmp_path):
+    path = _corrupt_png(tmp_path / 'broken_image.png')
+    with pytest.raises(DataError, match='broken_image.png'):
+        read_image(str(path))
+
+
+@pytest.mark.parametrize('ext', ['.png', '.jpg'])
+@pytest.mark.parametrize('keep', [0.3, 0.9, 0.99])
+def test_truncated_files_raise(ext, keep):
+    buf = cv2.imencode(ext, random_bgr(32, 32))[1].tobytes()
+    with pytest.raises(DataError, match=f'cut{ext}'):
+        decode_image(buf[:int(len(buf) * keep)], name=f'cut{ext}')
+
+
+def _exif_rotated(fmt):
+    """A 10x20 image with a white left band, tagged EXIF orientation 6 (display rotated 90 degrees CW)."""
+    import io
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, fmt, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_exif_orientation_applied(fmt):
+    img = decode_image(_exif_rotated(fmt))
+    assert img.shape == (20, 10, 3)
+    assert img[:5].mean() > 0.9 and img[-5:].mean() < 0.1  # the left band is now at the top
+
+
+def test_exif_orientation_applied_with_alpha():
+    img, _ = decode_image(_exif_rotated('PNG'), with_alpha=True)
+    assert img.shape == (20, 10, 3)
+
+
+def test_text_file_with_png_extension(tmp_path):
+    path = tmp_path / 'notes_really.png'
+    path.write_text('this is not an image\n' * 10)
+    with pytest.raises(DataError) as info:
+        read_image(str(path))
+    assert 'notes_really.png' in str(info.value)
+    assert 'cannot decode' in str(info.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match='nope.png'):
+        read_image(str(tmp_path / 'nope.png'))
+    (tmp_path / 'empty.png').write_bytes(b'')
+    with pytest.raises(DataError, match='empty.png'):
+        read_image(str(tmp_path / 'empty.png'))
+    with pytest.raises(DataError, match='mybuf'):
+        decode_image(b'', name='mybuf')
+
+
+def test_data_error_is_oserror():
+    # DataError keeps working with code that catches OSError
+    assert issubclass(DataError, OSError)
+
+
+@pytest.mark.parametrize('name,key', [('a.b.png', 'a.b'), ('dir/x y.png', 'x_y'), ('0001.jpg', '0001'),
+                                      ('caf\u00e9.png', 'caf_')])
+def test_lmdb_key(name, key):
+    assert lmdb_key(name) == key
+
+
+# ----------------------------------------------------------------------------- ImageSource
+def test_image_source_folder(image_folder):
+    src = ImageSource(str(image_folder))
+    assert not src.is_lmdb
+    assert src.keys == ['a.png', 'b.png', os.path.join('sub', 'c.png')]  # recursive, sorted, no .txt
+    assert len(src) == 3
+    assert src.name(2) == os.path.join('sub', 'c.png')
+    np.testing.assert_allclose(src.read(0), random_bgr(40, 48, seed=1) / 255.0, atol=1e-7)
+    assert src.read(2).shape == (24, 30, 3)
+
+
+def test_image_source_folder_meta_info(image_folder, tmp_path):
+    meta = tmp_path / 'meta.txt'
+    meta.write_text('b.png (32,36,3) 1\n\nsub/c.png\n')
+    src = ImageSource(str(image_folder), str(meta))
+    assert src.keys == ['b.png', 'sub/c.png']
+    assert src.read(1).shape == (24, 30, 3)
+
+
+def test_image_source_empty_and_missing(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'readme.txt').write_text('x')
+    with pytest.raises(DataError, match='no images in'):
+        ImageSource(str(tmp_path / 'empty'))
+    with pytest.raises(DataError, match='image folder not found'):
+        ImageSource(str(tmp_path / 'missing'))
+    with pytest.raises(DataError, match='LMDB not found'):
+        ImageSource(str(tmp_path / 'missing.lmdb'))
+    with pytest.raises(DataError, match='meta_info file not found'):
+        ImageSource(str(tmp_path / 'empty'), str(tmp_path / 'nometa.txt'))
+
+
+def test_image_source_file_removed_after_listing(image_folder):
+    src = ImageSource(str(image_folder))
+    os.remove(image_folder / 'b.png')
+    with pytest.raises(DataError, match='b.png'):
+        src.read(1)
+
+
+# ----------------------------------------------------------------------------- LMDB builder
+def test_build_lmdb_round_trip_with_corrupt_image(image_folder, tmp_path):
+    _corrupt_png(image_folder / 'bad.png')
+    write_png(str(image_folder / 'a.b.png'), random_bgr(10, 12, seed=4))
+    lmdb_path = str(tmp_path / 'train.lmdb')
+    n, skipped = build_lmdb(str(image_folder), lmdb_path)
+    assert n == 4
+    assert len(skipped) == 1 and 'bad.png' in skipped[0]
+    assert os.path.isfile(os.path.join(lmdb_path, 'data.mdb'))
+    assert os.path.isfile(os.path.join(lmdb_path, 'meta_info.txt'))
+
+    src = ImageSource(lmdb_path)
+    assert src.is_lmdb
+    assert sorted(src.keys) == ['a', 'a.b', 'b', 'sub_c']
+    originals = {'a': image_folder / 'a.png', 'a.b': image_folder / 'a.b.png', 'b': image_folder / 'b.png',
+                 'sub_c': image_folder / 'sub' / 'c.png'}
+    for i, key in enumerate(src.keys):
+        assert src.name(i) == key
+        np.testing.assert_array_equal(src.read(i), read_image(str(originals[key])))
+    # the source pickles (dataloader workers) after its environment was opened; the copy reads the same
+    first = src.read(0)
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone.keys == src.keys
+    np.testing.assert_array_equal(clone.read(0), first)
+
+
+def test_two_sources_on_one_lmdb(image_folder, tmp_path):
+    lmdb_path = str(tmp_path / 'shared.lmdb')
+    build_lmdb(str(image_folder), lmdb_path)
+    a, b = ImageSource(lmdb_path), ImageSource(lmdb_path)  # e.g. train and val datasets on one LMDB
+    np.testing.assert_array_equal(a.read(0), b.read(0))
+
+
+def test_build_lmdb_refuses_existing_and_bad_paths(image_folder, tmp_path):
+    lmdb_path = str(tmp_path / 'x.lmdb')
+    build_lmdb(str(image_folder), lmdb_path)
+    with pytest.raises(DataError, match='exists'):
+        build_lmdb(str(image_folder), lmdb_path)
+    n, _ = build_lmdb(str(image_folder), lmdb_path, overwrite=True)
+    assert n == 3
+    with pytest.raises(DataError, match=".lmdb"):
+        build_lmdb(str(image_folder), str(tmp_path / 'x.db'))
+    with pytest.raises(DataError, match='image folder not found'):
+        build_lmdb(str(tmp_path / 'missing'), str(tmp_path / 'y.lmdb'))
+    bad_only = tmp_path / 'bad_only'
+    bad_only.mkdir()
+    _corrupt_png(bad_only / 'bad.png')
+    with pytest.raises(DataError, match='no readable images'):
+        build_lmdb(str(bad_only), str(tmp_path / 'z.lmdb'))
+
+
+def test_lmdb_key_missing_from_database(image_folder, tmp_path):
+    lmdb_path = tmp_path / 'm.lmdb'
+    build_lmdb(str(image_folder), str(lmdb_path))
+    with open(lmdb_path / 'meta_info.txt', 'a') as f:
+        f.write('ghost_image.png (10,10,3) 1\n')
+    src = ImageSource(str(lmdb_path))
+    assert src.keys[-1] == 'ghost_image'
+    src.read(0)
+    with pytest.raises(DataError) as info:
+        src.read(len(src) - 1)
+    assert "'ghost_image'" in str(info.value)
+    assert 'missing from the LMDB' in str(info.value)
+
+
+def _starts(n, crop, step, thresh):
+    """BasicSR's extract_subimages rule, written independently."""
+    if n <= crop:
+        return [0]
+    s = list(np.arange(0, n - crop + 1, step))
+    if n - (s[-1] + crop) > thresh:
+        s.append(n - crop)
+    return s
+
+
+@pytest.mark.parametrize('crop,step,thresh,expected', [(16, 16, 0, 19), (16, 16, 10, 12), (16, 8, 0, 38),
+                                                       (64, 32, 0, 3)])
+def test_build_lmdb_sub_images(image_folder, tmp_path, crop, step, thresh, expected):
+    # a: 40x48, b: 32x36, sub/c: 24x30; hand count for (16, 16, 0): 3*3 + 2*3 + 2*2 = 19
+    sizes = {'a': (40, 48), 'b': (32, 36), 'sub_c': (24, 30)}
+    count = 0
+    for h, w in sizes.values():
+        if h <= crop and w <= crop:
+            count += 1
+        else:
+            count += len(_starts(h, crop, step, thresh)) * len(_starts(w, crop, step, thresh))
+    assert count == expected
+    lmdb_path = str(tmp_path / 'sub.lmdb')
+    n, skipped = build_lmdb(str(image_folder), lmdb_path, crop_size=crop, step=step, thresh_size=thresh)
+    assert n == expected and skipped == []
+    src = ImageSource(lmdb_path)
+    assert len(src) == expected
+    if crop == 16:
+        # every crop is crop x crop; the first/last crops of 'a' are where the rule puts them
+        assert all(src.read(i).shape == (16, 16, 3) for i in range(len(src)))
+        a = read_image(str(image_folder / 'a.png'))
+        a_keys = [i for i, k in enumerate(src.keys) if k.startswith('a_s')]
+        np.testing.assert_array_equal(src.read(a_keys[0]), a[:16, :16])
+        y, x = _starts(40, crop, step, thresh)[-1], _starts(48, crop, step, thresh)[-1]
+        np.testing.assert_array_equal(src.read(a_keys[-1]), a[y:y + 16, x:x + 16])
+        assert src.keys[a_keys[0]] == 'a_s000'
+    else:  # whole images when they fit in one crop
+        assert sorted(src.keys) == ['a_s000', 'b_s000', 'sub_c_s000']
+        assert sorted(src.read(i).shape[:2] for i in range(3)) == sorted(sizes.values())
+
+
+# ----------------------------------------------------------------------------- RealESRGANHRDataset
+def _train_opt(demo_opt, root, **kw):
+    opt = dict(demo_opt['datasets']['train'])
+    opt.update(dataroot_gt=str(root), crop_pad_size=64, phase='train', scale=4, **kw)
+    return opt
+
+
+def _check_hr_item(item):
+    assert item['gt'].shape == (3, 64, 64) and item['gt'].dtype == torch.float32
+    assert 0 <= item['gt'].min() and item['gt'].max() <= 1
+    for k in ('kernel1', 'kernel2', 'sinc_kernel'):
+        assert item[k].shape == (21, 21)
+        assert item[k].sum() == pytest.approx(1.0, abs=1e-3)
+    assert isinstance(item['gt_path'], str)
+
+
+def test_hr_dataset_from_lmdb(demo_opt, image_folder, tmp_path):
+    lmdb_path = tmp_path / 'hr.lmdb'
+    build_lmdb(str(image_folder), str(lmdb_path))
+    _seed(0)
+    ds = RealESRGANHRDataset(_train_opt(demo_opt, lmdb_path))
+    assert len(ds) == 3
+    for i in range(len(ds)):
+        _check_hr_item(ds[i])
+
+
+def test_hr_dataset_crops_large_images(demo_opt, tmp_path):
+    big = random_bgr(80, 100, seed=5)
+    write_png(str(tmp_path / 'big' / 'x.png'), big)
+    _seed(1)
+    ds = RealESRGANHRDataset(_train_opt(demo_opt, tmp_path / 'big', use_hflip=False, use_rot=False))
+    gt = ds[0]['gt'].numpy().transpose(1, 2, 0)[..., ::-1]  # RGB CHW -> BGR HWC
+    ref = big.astype(np.float32) / 255
+    # the 64x64 crop is a window of the image
+    found = any(np.array_equal(gt, ref[y:y + 64, x:x + 64]) for y in range(17) for x in range(37))
+    assert found
+
+
+def test_hr_dataset_skips_corrupt_image(demo_opt, image_folder):
+    import logging
+    _corrupt_png(image_folder / 'b_bad.png')
+    _seed(2)
+    ds = RealESRGANHRDataset(_train_opt(demo_opt, image_folder, use_hflip=False, use_rot=False))
+    assert len(ds) == 4
+    bad_index = ImageSource(str(image_folder)).keys.index('b_bad.png')
+    good = {k: read_image(str(image_folder / k)) for k in ('a.png', 'b.png', os.path.join('sub', 'c.png'))}
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger('basicsr')  # BasicSR's root logger, which does not propagate
+    logger.addHandler(handler)
+    try:
+        items = [ds[i] for i in range(len(ds))]
+    finally:
+        logger.removeHandler(handler)
+    for item in items:
+        _check_hr_item(item)
+    assert len([m for m in messages if 'b_bad.png' in m]) == 1  # one warning per bad image
+    # the item served for the bad index is (a 64x64 crop/pad of) a good image, and named after it
+    item = items[bad_index]
+    assert item['gt_path'] != 'b_bad.png' and item['gt_path'] in good
+    img = good[item['gt_path']]
+    gt = item['gt'].numpy().transpose(1, 2, 0)[..., ::-1]  # RGB CHW -> BGR HWC
+    assert np.array_equal(gt[:img.shape[0], :img.shape[1]], img)
+
+
+def test_hr_dataset_all_corrupt_stops(demo_opt, tmp_path):
+    folder = tmp_path / 'bad'
+    folder.mkdir()
+    _corrupt_png(folder / 'x.png')
+    _corrupt_png(folder / 'y.png')
+    ds = RealESRGANHRDataset(_train_opt(demo_opt, folder, max_skips=3))
+    with pytest.raises(DataError, match='3 unreadable images in a row'):
+        ds[0]
+
+
+# ----------------------------------------------------------------------------- PairedSRDataset
+@pytest.fixture
+def paired(tmp_path):
+    lr, hr = tmp_path / 'LR', tmp_path / 'HR'
+    imgs = {}
+    for name, (h, w) in (('p1', (6, 5)), ('p2', (4, 4)), ('p3', (3, 7))):
+        imgs[name] = random_bgr(h * 4 + 3, w * 4 + 1, seed=len(imgs))  # GT a bit larger than 4x LR
+        write_png(str(lr / f'{name}.png'), cv2.resize(imgs[name], (w, h), interpolation=cv2.INTER_AREA))
+    write_png(str(hr / 'p1.png'), imgs['p1'])
+    cv2.imwrite(str(hr / 'p2.bmp'), imgs['p2'])  # other extension, same stem
+    write_png(str(hr / 'nested' / 'p3.png'), imgs['p3'])
+    write_png(str(hr / 'unused.png'), random_bgr(8, 8))
+    return lr, hr, imgs
+
+
+def test_paired_dataset_pairs_by_name_and_crops(paired):
+    lr, hr, imgs = paired
+    ds = PairedSRDataset(dict(dataroot_lq=str(lr), dataroot_gt=str(hr), scale=4))
+    assert len(ds) == 3
+    for i in range(3):
+        item = ds[i]
+        name = os.path.splitext(item['lq_path'])[0]
+        assert 'error' not in item
+        _, h, w = item['lq'].shape
+        assert item['gt'].shape == (3, 4 * h, 4 * w)
+        expected = imgs[name][:4 * h, :4 * w, ::-1].astype(np.float32) / 255  # top-left crop, RGB
+        np.testing.assert_allclose(item['gt'].numpy().transpose(1, 2, 0), expected, atol=1e-7)
+
+
+def test_paired_dataset_without_gt(paired):
+    lr, _, _ = paired
+    ds = PairedSRDataset(dict(dataroot_lq=str(lr), scale=4))
+    item = ds[0]
+    assert set(item) == {'lq_path', 'lq'} and item['lq'].shape == (3, 6, 5)
+
+
+def test_paired_dataset_corrupt_lr_gives_error_item(paired):
+    lr, hr, _ = paired
+    _corrupt_png(lr / 'p2.png')
+    ds = PairedSRDataset(dict(dataroot_lq=str(lr), dataroot_gt=str(hr), scale=4))
+    item = ds[1]
+    assert item['lq_path'] == 'p2.png'
+    assert set(item) == {'lq_path', 'error'}
+    assert 'p2.png' in item['error']
+    assert 'error' not in ds[0] and 'error' not in ds[2]
+
+
+def test_paired_dataset_gt_too_small(paired):
+    lr, hr, _ = paired
+    write_png(str(hr / 'p1.png'), random_bgr(10, 10))
+    ds = PairedSRDataset(dict(dataroot_lq=str(lr), dataroot_gt=str(hr), scale=4))
+    item = ds[0]
+    assert 'smaller than scale x LR' in item['error']
+
+
+def test_paired_dataset_lr_without_gt(paired):
+    lr, hr, _ = paired
+    write_png(str(lr / 'orphan.png'), random_bgr(4, 4))
+    with pytest.raises(DataError) as info:
+        PairedSRDataset(dict(dataroot_lq=str(lr), dataroot_gt=str(hr), scale=4))
+    assert 'orphan.png' in str(info.value) and 'no GT' in str(info.value)
+
+
+# ----------------------------------------------------------------------------- degradation
+def test_degradation_on_dataset_batch(demo_opt, image_folder):
+    _seed(3)
+    ds = RealESRGANHRDataset(_train_opt(demo_opt, image_folder))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=False, num_workers=0)
+    batch = next(iter(loader))
+    degrade = RealESRGANDegradation(demo_opt['degradation'], device='cpu')
+    for gt_size in (64, 32):
+        for seed in range(2):  # several draws of the random branches
+            _seed(seed)
+            lq, gt = degrade(batch, 4, gt_size)
+            assert lq.shape == (2, 3, gt_size // 4, gt_size // 4)
+            assert gt.shape == (2, 3, gt_size, gt_size)
+            for t in (lq, gt):
+                assert t.device.type == 'cpu' and torch.isfinite(t).all()
+                assert t.min() >= 0 and t.max() <= 1
+            # lq is quantised to 8 bit
+            assert torch.allclose(lq * 255, (lq * 255).round(), atol=1e-4)
+    # gt_usm off: gt at full crop size is the dataset image itself
+    _, gt = degrade(batch, 4, None)
+    assert torch.equal(gt, batch['gt'])
+
+
+def test_degradation_options():
+    with pytest.raises(ConfigError, match='noise_rnage'):
+        RealESRGANDegradation({'noise_rnage': [1, 2]})
+    d = RealESRGANDegradation({'jpeg_range': [90, 95]})
+    assert d.opt['jpeg_range'] == [90, 95]
+    assert d.opt['noise_range2'] == [1, 25]  # default kept
+
+
+def test_degradation_small_crops_with_default_ranges():
+    """Real-ESRGAN's ranges shrink a 64 crop to ~10 px: the 21x21 blurs must still work (they used to raise)."""
+    deg = RealESRGANDegradation(None)
+    for seed in range(40):
+        _seed(seed)
+        batch = {'gt': torch.rand(2, 3, 64, 64), 'kernel1': torch.ones(2, 21, 21) / 441,
+                 'kernel2': torch.ones(2, 21, 21) / 441, 'sinc_kernel': torch.ones(2, 21, 21) / 441}
+        lq, gt = deg(batch, 4, 64)
+        assert lq.shape == (2, 3, 16, 16) and gt.shape == (2, 3, 64, 64)
+        assert torch.isfinite(lq).all() and 0 <= lq.min() and lq.max() <= 1
+
+
+def test_degradation_gt_size_too_large(demo_opt):
+    batch = {'gt': torch.rand(1, 3, 32, 32), 'kernel1': torch.ones(1, 21, 21) / 441,
+             'kernel2': torch.ones(1, 21, 21) / 441, 'sinc_kernel': torch.ones(1, 21, 21) / 441}
+    _seed(0)
+    with pytest.raises(ConfigError, match='gt_size 64'):
+        RealESRGANDegradation(demo_opt['degradation'])(batch, 4, 64)
+
+
+def test_separable_usm_matches_basicsr():
+    from basicsr.utils import USMSharp
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 64, 64)
+    ref = USMSharp()(img)
+    ours = SeparableUSMSharp()(img)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, img, atol=1e-3)  # it does sharpen

@@ -1,0 +1,105 @@
+"""The demo, end to end at tiny size, through the same tools and YAML users run.
+
+Train (with validation and checkpoints), resume with --auto_resume after the run stopped, test, and a
+2-process gloo run under torchrun. Each is a real subprocess of ``tools/*.py`` in a temporary folder.
+"""
+import glob
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd, timeout=300):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f'{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    return proc
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A work folder with the demo data built by datasets/make_demo.py and a tiny copy of the demo options."""
+    root = tmp_path_factory.mktemp('e2e')
+    _run([osp.join(REPO, 'datasets', 'make_demo.py'), '--out', str(root / 'demo')], cwd=root)
+    with open(osp.join(REPO, 'options', 'demo', 'train_grm_demo.yml')) as f:
+        opt = yaml.safe_load(f)
+    opt['name'] = 'tiny_grm'
+    opt['network_grm'].update(num_feat=16, num_heads=2, num_blocks=1, depth=2, img_size=16)
+    train = opt['datasets']['train']
+    train.update(dataroot_gt=str(root / 'demo' / 'train_HR.lmdb'), crop_pad_size=96, batch_size_per_gpu=2,
+                 num_worker_per_gpu=0, dataset_enlarge_ratio=1)
+    opt['datasets']['val'].update(dataroot_lq=str(root / 'demo' / 'val' / 'LR_x4'),
+                                  dataroot_gt=str(root / 'demo' / 'val' / 'HR'))
+    opt['train'].update(total_iter=6, gt_size=64)
+    opt['train']['scheduler']['periods'] = [6]
+    opt['val']['val_freq'] = 3
+    opt['logger'].update(print_freq=1, save_checkpoint_freq=3, use_tb_logger=False)
+    (root / 'train.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
+
+    with open(osp.join(REPO, 'options', 'demo', 'test_grm_demo.yml')) as f:
+        test_opt = yaml.safe_load(f)
+    test_opt['network_grm'] = opt['network_grm']
+    test_opt['datasets']['test_1'].update(opt['datasets']['val'], name='demo_val')
+    test_opt['path']['pretrain_network_grm'] = str(root / 'experiments' / 'tiny_grm' / 'models' /
+                                                   'net_grm_latest.pth')
+    (root / 'test.yml').write_text(yaml.safe_dump(test_opt, sort_keys=False))
+    return root
+
+
+def _log(exp_dir):
+    logs = sorted(glob.glob(osp.join(exp_dir, 'train_*.log')), key=os.path.getmtime)
+    return open(logs[-1]).read()
+
+
+def test_train_stop_resume_and_test(workdir):
+    exp = workdir / 'experiments' / 'tiny_grm'
+    # a run that stops at iteration 3 (as if killed right after its checkpoint) ...
+    _run([osp.join(REPO, 'tools', 'train.py'), '-opt', 'train.yml', '--force_yml', 'train:total_iter=3'], cwd=workdir)
+    assert (exp / 'training_states' / '3.state').is_file()
+    weights_3 = torch.load(exp / 'models' / 'net_grm_3.pth', weights_only=True)['params']
+    log = _log(exp)
+    assert re.search(r'psnr: [\d.]+\t\(bicubic: [\d.]+, gain [+-][\d.]+\)', log), log[-2000:]
+    vis = exp / 'visualization' / 'coffee'
+    assert {'coffee_3.png', 'coffee_3_confidence.png', 'coffee_3_compare.png'} <= set(os.listdir(vis))
+    assert not glob.glob(str(exp / '**' / '*.tmp'), recursive=True)  # atomic writes leave nothing behind
+
+    # ... continues from it with --auto_resume, on CPU, to iteration 6
+    _run([osp.join(REPO, 'tools', 'train.py'), '-opt', 'train.yml', '--auto_resume'], cwd=workdir)
+    log = _log(exp)
+    assert re.search(r'Resuming training from epoch: \d+, iter: 3\.', log), log[-2000:]
+    assert 'net_grm_3.pth' in log  # the weights of the same checkpoint were loaded
+    assert re.search(r'iter:\s+4,', log) and not re.search(r'iter:\s+[123],', log)
+    assert (exp / 'training_states' / '6.state').is_file()
+    state = torch.load(exp / 'training_states' / '6.state', weights_only=True)
+    assert state['iter'] == 6
+    weights_6 = torch.load(exp / 'models' / 'net_grm_6.pth', weights_only=True)['params']
+    assert any(not torch.equal(weights_3[k], weights_6[k]) for k in weights_3)  # training went on
+
+    # test with the final weights
+    _run([osp.join(REPO, 'tools', 'test.py'), '-opt', 'test.yml'], cwd=workdir)
+    res = workdir / 'results' / 'demo_grm_x4_test'
+    images = os.listdir(res / 'visualization' / 'demo_val')
+    assert len([f for f in images if f.endswith('_demo_grm_x4_test.png')]) == 4
+    test_log = open(glob.glob(str(res / 'test_*.log'))[0]).read()
+    assert re.search(r'# psnr: [\d.]+\t\(bicubic', test_log)
+
+
+def test_torchrun_two_cpu_processes(workdir):
+    """``torchrun --nproc_per_node 2 ... --launcher pytorch`` trains with gloo on CPU and saves."""
+    args = ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
+            osp.join(REPO, 'tools', 'train.py'), '-opt', 'train.yml', '--launcher', 'pytorch',
+            '--force_yml', 'name=tiny_ddp', 'train:total_iter=2', 'val:val_freq=2', 'logger:save_checkpoint_freq=2']
+    _run(args, cwd=workdir)
+    exp = workdir / 'experiments' / 'tiny_ddp'
+    assert (exp / 'models' / 'net_grm_2.pth').is_file()
+    assert (exp / 'training_states' / '2.state').is_file()
+    assert 'World size (gpu number): 2' in _log(exp)
