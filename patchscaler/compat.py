@@ -143,9 +143,6 @@ def _save_training_state(self, epoch, current_iter):
     state = {'epoch': epoch, 'iter': current_iter,
              'optimizers': [o.state_dict() for o in self.optimizers],
              'schedulers': [s.state_dict() for s in self.schedulers]}
-    extra = getattr(self, 'extra_training_state', None)
-    if extra is not None:
-        state.update(extra())
     atomic_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
 

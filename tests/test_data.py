@@ -501,6 +501,28 @@ def test_degradation_on_dataset_batch(demo_opt, image_folder):
     assert torch.equal(gt, batch['gt'])
 
 
+def test_degradation_gt_usm_pairs_from_one_gt(monkeypatch):
+    """gt_usm on: the target is the sharpened GT and the LR is degraded from that same sharpened GT."""
+    import patchscaler.data.degradation as degradation
+    monkeypatch.setattr(degradation.random, 'choice', lambda seq: 'area')  # the resize modes
+    opts = {'resize_prob': [0, 0, 1], 'resize_prob2': [0, 0, 1], 'noise_range': [0, 0], 'noise_range2': [0, 0],
+            'gaussian_noise_prob': 1, 'gaussian_noise_prob2': 1}
+    delta = torch.zeros(2, 21, 21)
+    delta[:, 10, 10] = 1  # identity blur
+    _seed(0)
+    batch = {'gt': torch.rand(2, 3, 64, 64), 'kernel1': delta, 'kernel2': delta, 'sinc_kernel': delta}
+    for usm in (False, True):
+        degrade = RealESRGANDegradation({**opts, 'gt_usm': usm})
+        degrade._jpeg = lambda x, quality_range: x.clamp(0, 1)  # JPEG's chroma subsampling would blur the check
+        lq, gt = degrade(batch, 4, None)
+        expected = SeparableUSMSharp()(batch['gt']) if usm else batch['gt']
+        assert torch.allclose(gt, expected, atol=1e-6)
+        area = torch.nn.functional.interpolate(gt, scale_factor=0.25, mode='area')
+        assert (lq - area).abs().max() <= 0.5 / 255 + 1e-6  # the LR comes from this very GT, 8-bit rounded
+    with pytest.raises(ConfigError, match='jpeg_range2'):
+        RealESRGANDegradation({'jpeg_range2': [90, 100]})  # DiffJPEG gives NaN at quality 100
+
+
 def test_degradation_options():
     with pytest.raises(ConfigError, match='noise_rnage'):
         RealESRGANDegradation({'noise_rnage': [1, 2]})

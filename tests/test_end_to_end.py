@@ -30,6 +30,8 @@ def workdir(tmp_path_factory):
     """A work folder with the demo data built by datasets/make_demo.py and a tiny copy of the demo options."""
     root = tmp_path_factory.mktemp('e2e')
     _run([osp.join(REPO, 'datasets', 'make_demo.py'), '--out', str(root / 'demo')], cwd=root)
+    for side in ('LR_x4', 'HR'):  # a corrupt pair: validation must skip and list it, not crash
+        (root / 'demo' / 'val' / side / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
     with open(osp.join(REPO, 'options', 'demo', 'train_grm_demo.yml')) as f:
         opt = yaml.safe_load(f)
     opt['name'] = 'tiny_grm'
@@ -68,6 +70,7 @@ def test_train_stop_resume_and_test(workdir):
     weights_3 = torch.load(exp / 'models' / 'net_grm_3.pth', weights_only=True)['params']
     log = _log(exp)
     assert re.search(r'psnr: [\d.]+\t\(bicubic: [\d.]+, gain [+-][\d.]+\)', log), log[-2000:]
+    assert 'demo_val: skipped 1 unreadable image(s)' in log and 'broken.png' in log
     vis = exp / 'visualization' / 'coffee'
     assert {'coffee_3.png', 'coffee_3_confidence.png', 'coffee_3_compare.png'} <= set(os.listdir(vis))
     assert not glob.glob(str(exp / '**' / '*.tmp'), recursive=True)  # atomic writes leave nothing behind

@@ -30,7 +30,10 @@ DEFAULTS = dict(
     poisson_scale_range=[0.05, 3], gray_noise_prob=0.4, jpeg_range=[30, 95],
     second_blur_prob=0.8, resize_prob2=[0.3, 0.4, 0.3], resize_range2=[0.3, 1.2], gaussian_noise_prob2=0.5,
     noise_range2=[1, 25], poisson_scale_range2=[0.05, 2.5], gray_noise_prob2=0.4, jpeg_range2=[30, 95],
-    gt_usm=False)  # gt_usm: train towards the sharpened GT (Real-ESRGAN's l1_gt_usm); off for PatchScaler
+    gt_usm=False)
+# gt_usm: USM-sharpen the GT and use it for both sides of the pair, as Real-ESRGAN does (it degrades the
+# sharpened GT and, with l1_gt_usm, trains towards it). Off by default: the paper does not sharpen, and
+# degrading a sharpened GT while training towards the plain one teaches the network to blur.
 
 
 def _blur(x, kernel):
@@ -87,6 +90,10 @@ class RealESRGANDegradation:
         if unknown:
             raise ConfigError(f'degradation: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}')
         self.opt = {**DEFAULTS, **opt}
+        for key in ('jpeg_range', 'jpeg_range2'):
+            lo, hi = self.opt[key]
+            if not 1 <= lo <= hi <= 99:  # DiffJPEG's quality factor is 0 at 100: it returns NaN
+                raise ConfigError(f'degradation.{key} must lie within [1, 99], got {self.opt[key]}')
         self.device = torch.device(device)
         self.jpeger = DiffJPEG(differentiable=False).to(self.device)
         self.usm_sharpener = SeparableUSMSharp().to(self.device)
@@ -116,7 +123,8 @@ class RealESRGANDegradation:
     def __call__(self, batch, scale, gt_size):
         o = self.opt
         gt = batch['gt'].to(self.device)
-        gt_usm = self.usm_sharpener(gt)  # Real-ESRGAN degrades the sharpened GT
+        if o['gt_usm']:  # Real-ESRGAN: sharpen, then both the LR and the target come from the sharpened GT
+            gt = self.usm_sharpener(gt)
         h, w = gt.shape[-2:]
         lr_size = (h // scale, w // scale)
         if gt_size is not None and min(lr_size) * scale < gt_size:
@@ -124,7 +132,7 @@ class RealESRGANDegradation:
                               'lower gt_size or raise the dataset crop_pad_size')
 
         # stage one: blur, resize, noise, JPEG
-        out = _blur(gt_usm, batch['kernel1'].to(self.device))
+        out = _blur(gt, batch['kernel1'].to(self.device))
         out = self._resize(out, o['resize_prob'], o['resize_range'])
         out = self._jpeg(self._noise(out, ''), o['jpeg_range'])
         # stage two: blur (sometimes), resize relative to the LR size, noise
@@ -142,7 +150,6 @@ class RealESRGANDegradation:
             out = self._jpeg(out, o['jpeg_range2'])
             out = _blur(F.interpolate(out, size=lr_size, mode=mode), sinc)
         lq = torch.clamp((out * 255.0).round(), 0, 255) / 255.0
-        gt = gt_usm if o['gt_usm'] else gt
 
         if gt_size is not None:
             gt, lq = paired_random_crop(gt, lq, gt_size, scale)

@@ -52,7 +52,6 @@ class PatchScalerModel(BaseModel):
         if load_path is not None:
             self.load_network(self.net_grm, load_path, opt['path'].get('strict_load_grm', True),
                               opt['path'].get('param_key_grm', 'params'))
-        self.bad_inputs = []
         if self.is_train:
             self.init_training_settings()
 
@@ -132,13 +131,12 @@ class PatchScalerModel(BaseModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         metrics = self.opt['val'].get('metrics') or {}
-        sums, count = {}, 0
+        sums, count, skipped = {}, 0, []
         for val_data in tqdm(dataloader, desc=f'val {dataset_name}', unit='img', leave=False,
                              disable=not self.opt['val'].get('pbar', True)):
             name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
             if 'error' in val_data:
-                self.bad_inputs.append(val_data['error'][0])
-                get_root_logger().warning(f'skipped: {val_data["error"][0]}')
+                skipped.append(val_data['error'][0])
                 continue
             self.feed_data(val_data)
             self.test()
@@ -153,6 +151,9 @@ class PatchScalerModel(BaseModel):
                     sums[f'{metric}_bicubic'] = sums.get(f'{metric}_bicubic', 0.0) + calculate_metric(
                         {'img': bic_img, 'img2': gt_img}, metric_opt)
                 count += 1
+        if skipped:
+            get_root_logger().warning(f'{dataset_name}: skipped {len(skipped)} unreadable image(s):\n  ' +
+                                      '\n  '.join(skipped))
         self.metric_results = {k: v / count for k, v in sums.items()} if count else {}
         self._log_metrics(current_iter, dataset_name, tb_logger)
 
