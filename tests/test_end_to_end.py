@@ -39,8 +39,9 @@ def workdir(tmp_path_factory):
     train = opt['datasets']['train']
     train.update(dataroot_gt=str(root / 'demo' / 'train_HR.lmdb'), crop_pad_size=96, batch_size_per_gpu=2,
                  num_worker_per_gpu=0, dataset_enlarge_ratio=1)
-    opt['datasets']['val'].update(dataroot_lq=str(root / 'demo' / 'val' / 'LR_x4'),
-                                  dataroot_gt=str(root / 'demo' / 'val' / 'HR'))
+    for phase, folder in (('val', 'val'), ('val_unseen', 'val_unseen')):
+        opt['datasets'][phase].update(dataroot_lq=str(root / 'demo' / folder / 'LR_x4'),
+                                      dataroot_gt=str(root / 'demo' / folder / 'HR'))
     opt['train'].update(total_iter=6, gt_size=64)
     opt['train']['scheduler']['periods'] = [6]
     opt['val']['val_freq'] = 3
@@ -51,6 +52,7 @@ def workdir(tmp_path_factory):
         test_opt = yaml.safe_load(f)
     test_opt['network_grm'] = opt['network_grm']
     test_opt['datasets']['test_1'].update(opt['datasets']['val'], name='demo_val')
+    test_opt['datasets']['test_2'].update(opt['datasets']['val_unseen'], name='demo_val_unseen')
     test_opt['path']['pretrain_network_grm'] = str(root / 'experiments' / 'tiny_grm' / 'models' /
                                                    'net_grm_latest.pth')
     (root / 'test.yml').write_text(yaml.safe_dump(test_opt, sort_keys=False))
@@ -71,8 +73,9 @@ def test_train_stop_resume_and_test(workdir):
     log = _log(exp)
     assert re.search(r'psnr: [\d.]+\t\(bicubic: [\d.]+, gain [+-][\d.]+\)', log), log[-2000:]
     assert 'demo_val: skipped 1 unreadable image(s)' in log and 'broken.png' in log
-    vis = exp / 'visualization' / 'coffee'
-    assert {'coffee_3.png', 'coffee_3_confidence.png', 'coffee_3_compare.png'} <= set(os.listdir(vis))
+    vis = exp / 'visualization' / 'astronaut'
+    assert {'astronaut_3.png', 'astronaut_3_confidence.png', 'astronaut_3_compare.png'} <= set(os.listdir(vis))
+    assert 'Validation demo_val_unseen' in log
     assert not glob.glob(str(exp / '**' / '*.tmp'), recursive=True)  # atomic writes leave nothing behind
 
     # ... continues from it with --auto_resume, on CPU, to iteration 6
@@ -90,8 +93,9 @@ def test_train_stop_resume_and_test(workdir):
     # test with the final weights
     _run([osp.join(REPO, 'tools', 'test.py'), '-opt', 'test.yml'], cwd=workdir)
     res = workdir / 'results' / 'demo_grm_x4_test'
-    images = os.listdir(res / 'visualization' / 'demo_val')
-    assert len([f for f in images if f.endswith('_demo_grm_x4_test.png')]) == 4
+    for dataset, count in (('demo_val', 14), ('demo_val_unseen', 4)):
+        images = os.listdir(res / 'visualization' / dataset)
+        assert len([f for f in images if f.endswith('_demo_grm_x4_test.png')]) == count
     test_log = open(glob.glob(str(res / 'test_*.log'))[0]).read()
     assert re.search(r'# psnr: [\d.]+\t\(bicubic', test_log)
 

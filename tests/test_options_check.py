@@ -33,6 +33,7 @@ def good_opt(demo_opt, tmp_path):
     opt['datasets']['train']['dataroot_gt'] = str(train)
     opt['datasets']['val']['dataroot_lq'] = str(val_lr)
     opt['datasets']['val']['dataroot_gt'] = str(val_hr)
+    opt['datasets'].pop('val_unseen')  # one validation set is enough here
     return opt
 
 
@@ -170,6 +171,7 @@ def cli_runs(tmp_path_factory):
     train, val_lr, val_hr = _make_datasets(tmp)
     base['datasets']['train'].update(dataroot_gt=str(train), num_worker_per_gpu=0, batch_size_per_gpu=2)
     base['datasets']['val'].update(dataroot_lq=str(val_lr), dataroot_gt=str(val_hr))
+    base['datasets'].pop('val_unseen')
     base['logger']['use_tb_logger'] = False
     base['num_gpu'] = 0
     name = f'pytest_cli_{uuid.uuid4().hex[:8]}'

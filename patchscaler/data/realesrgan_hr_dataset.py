@@ -27,6 +27,45 @@ KERNEL_SIZE = 21  # every kernel is padded to 21x21, as in Real-ESRGAN
 KERNEL_RANGE = [2 * v + 1 for v in range(3, 11)]  # 7 ... 21
 
 
+class RealESRGANKernels:
+    """Real-ESRGAN's random blur kernels for one image: ``sample() -> {kernel1, kernel2, sinc_kernel}``.
+
+    Options (Real-ESRGAN's names): kernel_list, kernel_prob, blur_sigma, betag_range, betap_range, sinc_prob,
+    the same with suffix 2, and final_sinc_prob. Uses Python's and numpy's global random state, like
+    BasicSR, so seeding those makes a draw reproducible.
+    """
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.pulse_tensor = torch.zeros(KERNEL_SIZE, KERNEL_SIZE)
+        self.pulse_tensor[KERNEL_SIZE // 2, KERNEL_SIZE // 2] = 1  # identity kernel
+
+    def _kernel(self, suffix):
+        """A blur kernel of stage ``suffix`` ('' or '2'): sinc with prob sinc_prob, else a mixed Gaussian."""
+        o = self.opt
+        size = random.choice(KERNEL_RANGE)
+        if np.random.uniform() < o['sinc_prob' + suffix]:
+            omega_c = np.random.uniform(np.pi / 3, np.pi) if size < 13 else np.random.uniform(np.pi / 5, np.pi)
+            kernel = circular_lowpass_kernel(omega_c, size, pad_to=False)
+        else:
+            sigma = o['blur_sigma' + suffix]
+            kernel = random_mixed_kernels(o['kernel_list' + suffix], o['kernel_prob' + suffix], size, sigma, sigma,
+                                          [-math.pi, math.pi], o['betag_range' + suffix], o['betap_range' + suffix],
+                                          noise_range=None)
+        pad = (KERNEL_SIZE - size) // 2
+        return torch.FloatTensor(np.pad(kernel, ((pad, pad), (pad, pad))))
+
+    def _final_sinc(self):
+        if np.random.uniform() < self.opt['final_sinc_prob']:
+            size = random.choice(KERNEL_RANGE)
+            omega_c = np.random.uniform(np.pi / 3, np.pi)
+            return torch.FloatTensor(circular_lowpass_kernel(omega_c, size, pad_to=KERNEL_SIZE))
+        return self.pulse_tensor
+
+    def sample(self):
+        return {'kernel1': self._kernel(''), 'kernel2': self._kernel('2'), 'sinc_kernel': self._final_sinc()}
+
+
 @DATASET_REGISTRY.register()
 class RealESRGANHRDataset(data.Dataset):
     """Options (beyond BasicSR's ``name``, ``type``, ``phase``, loader keys):
@@ -55,8 +94,7 @@ class RealESRGANHRDataset(data.Dataset):
         self.crop_pad_size = int(opt.get('crop_pad_size', 400))
         self.max_skips = int(opt.get('max_skips', 20))
         self._bad = set()
-        self.pulse_tensor = torch.zeros(KERNEL_SIZE, KERNEL_SIZE)
-        self.pulse_tensor[KERNEL_SIZE // 2, KERNEL_SIZE // 2] = 1  # identity kernel
+        self.kernels = RealESRGANKernels(opt)
 
     def __len__(self):
         return len(self.index)
@@ -83,32 +121,9 @@ class RealESRGANHRDataset(data.Dataset):
         top, left = random.randint(0, h - size), random.randint(0, w - size)
         return img[top:top + size, left:left + size]
 
-    def _kernel(self, suffix):
-        """A blur kernel of stage ``suffix`` ('' or '2'): sinc with prob sinc_prob, else a mixed Gaussian."""
-        o = self.opt
-        size = random.choice(KERNEL_RANGE)
-        if np.random.uniform() < o['sinc_prob' + suffix]:
-            omega_c = np.random.uniform(np.pi / 3, np.pi) if size < 13 else np.random.uniform(np.pi / 5, np.pi)
-            kernel = circular_lowpass_kernel(omega_c, size, pad_to=False)
-        else:
-            sigma = o['blur_sigma' + suffix]
-            kernel = random_mixed_kernels(o['kernel_list' + suffix], o['kernel_prob' + suffix], size, sigma, sigma,
-                                          [-math.pi, math.pi], o['betag_range' + suffix], o['betap_range' + suffix],
-                                          noise_range=None)
-        pad = (KERNEL_SIZE - size) // 2
-        return torch.FloatTensor(np.pad(kernel, ((pad, pad), (pad, pad))))
-
-    def _final_sinc(self):
-        if np.random.uniform() < self.opt['final_sinc_prob']:
-            size = random.choice(KERNEL_RANGE)
-            omega_c = np.random.uniform(np.pi / 3, np.pi)
-            return torch.FloatTensor(circular_lowpass_kernel(omega_c, size, pad_to=KERNEL_SIZE))
-        return self.pulse_tensor
-
     def __getitem__(self, index):
         img, name = self._read_good_image(index)
         img = augment(img, self.opt.get('use_hflip', True), self.opt.get('use_rot', False))
         img = self._crop_or_pad(img)
         gt = img2tensor([img], bgr2rgb=True, float32=True)[0]
-        return {'gt': gt, 'kernel1': self._kernel(''), 'kernel2': self._kernel('2'),
-                'sinc_kernel': self._final_sinc(), 'gt_path': name}
+        return {'gt': gt, **self.kernels.sample(), 'gt_path': name}
