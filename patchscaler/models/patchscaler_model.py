@@ -186,7 +186,7 @@ class PatchScalerModel(BaseModel):
         conf_img = confidence_to_bgr(visuals['confidence'][0].numpy(), size=(w, h))
         imwrite(conf_img, osp.join(folder, f'{suffix}_confidence.png'))
         tiles = [tensor2img([visuals['bicubic']]), sr_img, conf_img]
-        labels = ['bicubic', 'GRM (decoded y_HR)', 'confidence C']
+        labels = ['bicubic', 'GRM y_HR', 'confidence C']
         if 'gt' in visuals:
             tiles.insert(2, tensor2img([visuals['gt']]))
             labels.insert(2, 'HR')

@@ -25,7 +25,9 @@ def labelled_strip(images, labels, height=None):
         w = max(1, round(im.shape[1] * height / im.shape[0]))
         im = cv2.resize(im, (w, height), interpolation=cv2.INTER_NEAREST)
         bar = np.full((22, w, 3), 255, np.uint8)
-        cv2.putText(bar, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        text_w = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)[0][0]
+        scale = 0.5 * min(1.0, (w - 8) / max(text_w, 1))  # narrow tiles get a smaller font, not a cut label
+        cv2.putText(bar, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
         tiles.append(np.concatenate([bar, im], axis=0))
         tiles.append(np.full((height + 22, 4, 3), 255, np.uint8))
     return np.concatenate(tiles[:-1], axis=1)
