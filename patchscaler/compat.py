@@ -30,31 +30,31 @@ def _alias_functional_tensor():
     sys.modules.setdefault('torchvision.transforms.functional_tensor', functional)
 
 
+class LooseVersion:
+    """Enough of distutils' LooseVersion for BasicSR's torch/torchvision version comparisons."""
+
+    def __init__(self, vstring):
+        import re
+        self.vstring = str(vstring)
+        self.version = [int(p) if p.isdigit() else p for p in re.split(r'[.+\-]', self.vstring) if p]
+
+    @staticmethod
+    def _key(parts):
+        # numbers compare as numbers (2.10 > 2.9), text after numbers ('+cu130') as text
+        return [(0, p, '') if isinstance(p, int) else (1, 0, p) for p in parts]
+
+    def __lt__(self, other):
+        other = other if isinstance(other, LooseVersion) else LooseVersion(other)
+        return self._key(self.version) < self._key(other.version)
+
+    def __ge__(self, other):
+        return not self < other
+
+
 def _shim_distutils():
     try:
-        from distutils.version import LooseVersion  # noqa: F401
+        from distutils.version import LooseVersion as _  # noqa: F401
     except ImportError:  # Python >= 3.12 without setuptools' shim
-        import re
-
-        class LooseVersion:
-            """Enough of distutils' LooseVersion for BasicSR's torch-version comparisons."""
-
-            def __init__(self, vstring):
-                self.vstring = str(vstring)
-                self.version = [int(p) if p.isdigit() else p for p in re.split(r'[.+\-]', self.vstring) if p]
-
-            def _cmp_key(self, other):
-                other = other if isinstance(other, LooseVersion) else LooseVersion(other)
-                n = min(len(self.version), len(other.version))
-                return [str(v) for v in self.version[:n]], [str(v) for v in other.version[:n]]
-
-            def __lt__(self, other):
-                a, b = self._cmp_key(other)
-                return a < b
-
-            def __ge__(self, other):
-                return not self < other
-
         distutils = types.ModuleType('distutils')
         version = types.ModuleType('distutils.version')
         version.LooseVersion = LooseVersion

@@ -543,6 +543,18 @@ def test_degradation_small_crops_with_default_ranges():
         assert torch.isfinite(lq).all() and 0 <= lq.min() and lq.max() <= 1
 
 
+def test_degradation_crop_not_a_multiple_of_scale():
+    """A crop_pad_size like 194 at x4: the GT is cut to 192 so LR and HR tile exactly (it used to raise)."""
+    _seed(0)
+    delta = torch.zeros(1, 21, 21)
+    delta[:, 10, 10] = 1
+    batch = {'gt': torch.rand(1, 3, 194, 197), 'kernel1': delta, 'kernel2': delta, 'sinc_kernel': delta}
+    lq, gt = RealESRGANDegradation(None)(batch, 4, None)
+    assert lq.shape == (1, 3, 48, 49) and gt.shape == (1, 3, 192, 196)
+    lq, gt = RealESRGANDegradation(None)(batch, 4, 128)
+    assert lq.shape == (1, 3, 32, 32) and gt.shape == (1, 3, 128, 128)
+
+
 def test_degradation_gt_size_too_large(demo_opt):
     batch = {'gt': torch.rand(1, 3, 32, 32), 'kernel1': torch.ones(1, 21, 21) / 441,
              'kernel2': torch.ones(1, 21, 21) / 441, 'sinc_kernel': torch.ones(1, 21, 21) / 441}

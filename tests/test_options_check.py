@@ -249,3 +249,25 @@ def test_cli_missing_autoencoder_weights(cli_runs):
     line = _one_error_line(rc, err)
     assert 'autoencoder weights not found' in line
     assert f"{tmp / 'no_vae'}/config.json" in line
+
+
+@pytest.mark.parametrize('edit, expected', [
+    (lambda o: o['val']['metrics']['psnr'].update(type='calculate_psnrr'),
+     "val.metrics.psnr: unknown type 'calculate_psnrr'"),
+    (lambda o: o.pop('network_grm'), "PatchScalerModel needs the option 'network_grm'"),
+    (lambda o: o['train']['optim_grm'].update(type='SGD'), 'train.optim_grm.type must be one of'),
+    (lambda o: o['train']['scheduler'].update(type='StepLR'), 'train.scheduler.type must be one of'),
+    (lambda o: o['train']['confidence_opt'].update(etaa=0.1), "unknown option 'train.confidence_opt.etaa'"),
+    (lambda o: o.update(num_gpu='two'), "num_gpu must be 'auto' or an integer"),
+])
+def test_mistakes_caught_before_training(good_opt, edit, expected):
+    """Each of these used to surface only mid-run (first validation, model build) as a raw traceback."""
+    edit(good_opt)
+    assert expected in _config_error(good_opt)
+
+
+def test_num_gpu_without_cuda(good_opt, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    good_opt['num_gpu'] = 1
+    assert 'no CUDA device is available' in _config_error(good_opt)

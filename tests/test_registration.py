@@ -107,3 +107,13 @@ def test_load_resume_state_maps_to_cpu(tmp_path):
     assert state['iter'] == 7
     assert state['x'].device.type == 'cpu'
     assert compat.load_resume_state({'auto_resume': False, 'path': {'resume_state': None}}) is None
+
+
+def test_loose_version_shim_compares_numbers_as_numbers():
+    """The distutils stand-in (Python >= 3.12) must order versions as BasicSR's arch_util expects."""
+    from patchscaler.compat import LooseVersion as LV
+    assert LV('0.29.1+cu130') >= LV('0.9.0')
+    assert LV('2.10') >= LV('2.9')
+    assert LV('1.7') < LV('1.10')
+    assert LV('2.0') >= LV('2.0')
+    assert not LV('0.8') >= LV('0.9.0')

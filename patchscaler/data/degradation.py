@@ -126,6 +126,8 @@ class RealESRGANDegradation:
         if o['gt_usm']:  # Real-ESRGAN: sharpen, then both the LR and the target come from the sharpened GT
             gt = self.usm_sharpener(gt)
         h, w = gt.shape[-2:]
+        h, w = h - h % scale, w - w % scale  # LR and HR must tile exactly (crop_pad_size need not divide)
+        gt = gt[..., :h, :w]
         lr_size = (h // scale, w // scale)
         if gt_size is not None and min(lr_size) * scale < gt_size:
             raise ConfigError(f'gt_size {gt_size} is larger than the training crop {h}x{w}; '

@@ -1,7 +1,8 @@
 """LR/HR pairs (or LR alone) for validation and testing, matched by file name.
 
 Compared with BasicSR's ``PairedImageDataset`` (whose option names it keeps): no ``filename_tmpl`` to get
-right, a missing GT folder is allowed (real LR test sets: no-reference metrics only), a GT whose size is
+right, a missing GT folder is allowed (real LR test sets: images are written, reference metrics skipped;
+no-reference metrics come with the metrics issue), a GT whose size is
 not exactly ``scale`` × LR is cropped to it, and an unreadable file does not stop the run: the item comes
 back with an ``error`` entry, the model skips it and lists it at the end.
 """

@@ -36,15 +36,16 @@ class PatchScalerModel(BaseModel):
     """Options: ``scale``, ``autoencoder`` (frozen first stage), ``network_grm``, ``degradation`` (training
     only), ``train`` (see :attr:`TRAIN_OPTION_KEYS`), ``val`` (metrics as in BasicSR)."""
 
+    REQUIRED_OPTION_KEYS = ('scale', 'autoencoder', 'network_grm')
     TRAIN_OPTION_KEYS = {'stage', 'total_iter', 'warmup_iter', 'optim_grm', 'scheduler', 'confidence_opt',
                          'grad_clip', 'gt_size'}
 
     def __init__(self, opt):
         super().__init__(opt)
+        missing = [k for k in self.REQUIRED_OPTION_KEYS if k not in opt]
+        if missing:
+            raise ConfigError(f'PatchScalerModel needs the option(s) {missing}')
         self.scale = int(opt['scale'])
-        if 'autoencoder' not in opt:
-            raise ConfigError("options need an 'autoencoder' entry, "
-                              'e.g. {type: PixelUnshuffleAutoencoder, downscale: 4}')
         self.autoencoder = build_autoencoder(opt['autoencoder']).to(self.device)
         self.net_grm = self.model_to_device(build_network(opt['network_grm']))
         self.print_network(self.net_grm)
@@ -168,7 +169,8 @@ class PatchScalerModel(BaseModel):
                 continue
             self._update_best_metric_result(dataset_name, metric, value, current_iter)
             bicubic = self.metric_results.get(f'{metric}_bicubic')
-            lines.append(f'\t # {metric}: {value:.4f}\t(bicubic: {bicubic:.4f}, gain {value - bicubic:+.4f})'
+            gain = value - bicubic if best['better'] == 'higher' else bicubic - value  # positive = better
+            lines.append(f'\t # {metric}: {value:.4f}\t(bicubic: {bicubic:.4f}, gain {gain:+.4f})'
                          f'\tBest: {best["val"]:.4f} @ {best["iter"]} iter')
         get_root_logger().info('\n'.join(lines))
         if tb_logger:

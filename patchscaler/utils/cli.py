@@ -44,5 +44,7 @@ def run_pipeline(kind, root_path):
         check_options(load_option_file(_option_file_from_argv(sys.argv[1:])))
         pipeline(root_path)
     except PatchScalerError as e:
-        print(f'error: {e}', file=sys.stderr)
+        # a DataLoader worker re-raises with the worker's traceback in the message: keep its last line
+        line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f'error: {line.split("Error: ", 1)[-1] if line.startswith("patchscaler.") else line}', file=sys.stderr)
         sys.exit(2)

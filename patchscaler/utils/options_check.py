@@ -21,6 +21,8 @@ SECTION_KEYS = {
     'path': None,  # checked by prefix below
 }
 PATH_PREFIXES = ('pretrain_network_', 'param_key_', 'strict_load_')
+OPTIMIZERS = {'Adam'}  # what BasicSR 1.4.2's BaseModel.get_optimizer builds
+SCHEDULERS = {'MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR'}  # BaseModel.setup_schedulers
 PATH_KEYS = {'resume_state', 'ignore_resume_networks', 'experiments_root', 'models', 'training_states', 'log',
              'visualization', 'results_root'}
 
@@ -90,6 +92,38 @@ def _check_dataset(phase, ds):
         _check_path(f'{where}.{key}', ds.get(key))
 
 
+def _check_num_gpu(num_gpu):
+    import torch
+    if num_gpu != 'auto' and not isinstance(num_gpu, int):
+        raise ConfigError(f"num_gpu must be 'auto' or an integer, got {num_gpu!r}")
+    if isinstance(num_gpu, int) and num_gpu > 0 and not torch.cuda.is_available():
+        raise ConfigError(f"num_gpu is {num_gpu} but no CUDA device is available; use num_gpu: auto (0 here)")
+
+
+def _check_train_section(train):
+    from basicsr.utils.registry import LOSS_REGISTRY
+    for key, value in train.items():
+        if not isinstance(value, dict):
+            continue
+        if key.startswith('optim_') and value.get('type') not in OPTIMIZERS:
+            raise ConfigError(f"train.{key}.type must be one of {sorted(OPTIMIZERS)}, got {value.get('type')!r}")
+        if key == 'scheduler' and value.get('type') not in SCHEDULERS:
+            raise ConfigError(f"train.scheduler.type must be one of {sorted(SCHEDULERS)}, got {value.get('type')!r}")
+        if key.endswith('_opt'):
+            if 'type' not in value:
+                raise ConfigError(f"train.{key} must have a 'type'")
+            check_signature(_registry_get(LOSS_REGISTRY, value['type'], f'train.{key}'),
+                            {k: v for k, v in value.items() if k != 'type'}, f'train.{key}')
+
+
+def _check_metrics(metrics):
+    from basicsr.utils.registry import METRIC_REGISTRY
+    for name, metric in metrics.items():
+        if not isinstance(metric, dict) or 'type' not in metric:
+            raise ConfigError(f"val.metrics.{name} must be a mapping with a 'type'")
+        _registry_get(METRIC_REGISTRY, metric['type'], f'val.metrics.{name}')
+
+
 def check_options(opt):
     """Raise :class:`ConfigError` (one line) for the first problem found in a parsed option dict."""
     from basicsr.archs import build_network  # noqa: F401  (fills ARCH_REGISTRY)
@@ -114,9 +148,15 @@ def check_options(opt):
             raise ConfigError(f"unknown option 'path.{key}'{_suggest(key, PATH_KEYS)}")
         if key.startswith('pretrain_network_') or key == 'resume_state':
             _check_path(f'path.{key}', opt['path'][key])
+    for key in getattr(model_cls, 'REQUIRED_OPTION_KEYS', ()):
+        if key not in opt:
+            raise ConfigError(f"{opt['model_type']} needs the option '{key}'")
+    _check_num_gpu(opt.get('num_gpu', 'auto'))
     train_keys = getattr(model_cls, 'TRAIN_OPTION_KEYS', None)
     if train_keys is not None and opt.get('train'):
         _check_keys('train.', opt['train'], train_keys)
+    _check_train_section(opt.get('train') or {})
+    _check_metrics((opt.get('val') or {}).get('metrics') or {})
     for key, net in opt.items():
         if key.startswith('network_'):
             if not isinstance(net, dict) or 'type' not in net:
