@@ -271,3 +271,24 @@ def test_num_gpu_without_cuda(good_opt, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     good_opt['num_gpu'] = 1
     assert 'no CUDA device is available' in _config_error(good_opt)
+
+
+def test_error_from_dataloader_worker_is_one_line(tmp_path):
+    """torch re-raises a worker's exception with the worker traceback in its message; the CLI prints one line."""
+    import torch
+
+    from patchscaler.utils.cli import one_line
+    from patchscaler.utils.errors import DataError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise DataError(f'{tmp_path}/x.png: cannot decode image')
+
+    with pytest.raises(DataError) as info:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert '\n' in str(info.value)  # what torch hands over
+    assert one_line(info.value) == f'{tmp_path}/x.png: cannot decode image'
+    assert one_line(DataError('plain message')) == 'plain message'

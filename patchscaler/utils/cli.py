@@ -32,6 +32,16 @@ def load_option_file(path):
         raise ConfigError(f'{path}:{where} is not valid YAML ({getattr(e, "problem", e)})') from None
 
 
+def one_line(error):
+    """The message of a :class:`PatchScalerError` as one line. A DataLoader worker re-raises the error with
+    the worker's traceback in the message, ending in ``patchscaler.utils.errors.DataError: <message>``."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[-1]
+    return line.split('Error: ', 1)[-1] if line.startswith('patchscaler.') else line
+
+
 def run_pipeline(kind, root_path):
     """Check the ``-opt`` file, then run BasicSR's ``train_pipeline`` (kind 'train') or ``test_pipeline``
     ('test') with outputs under ``root_path``."""
@@ -44,7 +54,5 @@ def run_pipeline(kind, root_path):
         check_options(load_option_file(_option_file_from_argv(sys.argv[1:])))
         pipeline(root_path)
     except PatchScalerError as e:
-        # a DataLoader worker re-raises with the worker's traceback in the message: keep its last line
-        line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f'error: {line.split("Error: ", 1)[-1] if line.startswith("patchscaler.") else line}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
         sys.exit(2)
