@@ -58,6 +58,7 @@ def test_demo_options_pass_with_basicsr_loader(good_opt, tmp_path):
         for key in ('dataroot_gt', 'dataroot_lq'):
             if key in opt['datasets'][phase]:
                 opt['datasets'][phase][key] = good_opt['datasets'][phase][key]
+    opt['datasets']['val_unseen'].update({k: opt['datasets']['val'][k] for k in ('dataroot_gt', 'dataroot_lq')})
     check_options(opt)
 
 
