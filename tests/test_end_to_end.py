@@ -1,7 +1,7 @@
 """The demo, end to end at tiny size, through the same tools and YAML users run.
 
-Train (with validation and checkpoints), resume with --auto_resume after the run stopped, test, and a
-2-process gloo run under torchrun. Each is a real subprocess of ``tools/*.py`` in a temporary folder.
+Train (with validation and checkpoints), kill -9 the run, resume with --auto_resume, test, and a 2-process
+gloo run under torchrun. Each is a real subprocess of ``tools/*.py`` in a temporary folder.
 """
 import glob
 import os
@@ -9,6 +9,7 @@ import os.path as osp
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -64,31 +65,43 @@ def _log(exp_dir):
     return open(logs[-1]).read()
 
 
-def test_train_stop_resume_and_test(workdir):
+def test_train_kill_resume_and_test(workdir):
     exp = workdir / 'experiments' / 'tiny_grm'
-    # a run that stops at iteration 3 (as if killed right after its checkpoint) ...
-    _run([osp.join(REPO, 'tools', 'train.py'), '-opt', 'train.yml', '--force_yml', 'train:total_iter=3'], cwd=workdir)
-    assert (exp / 'training_states' / '3.state').is_file()
-    weights_3 = torch.load(exp / 'models' / 'net_grm_3.pth', weights_only=True)['params']
+    states = exp / 'training_states'
+    # a long run, killed with SIGKILL once its iteration-3 checkpoint exists ...
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([sys.executable, osp.join(REPO, 'tools', 'train.py'), '-opt', 'train.yml',
+                             '--force_yml', 'train:total_iter=100000'], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (states / '3.state').is_file():
+        assert proc.poll() is None and time.time() < deadline, 'the training run ended before its first checkpoint'
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    done = max(int(f.split('.')[0]) for f in os.listdir(states) if f.endswith('.state'))
+    weights = torch.load(exp / 'models' / f'net_grm_{done}.pth', weights_only=True)['params']
+
+    # ... continues from the newest complete checkpoint with --auto_resume, on CPU, for 3 more iterations
+    _run([osp.join(REPO, 'tools', 'train.py'), '-opt', 'train.yml', '--auto_resume',
+          '--force_yml', f'train:total_iter={done + 3}'], cwd=workdir)
     log = _log(exp)
-    assert re.search(r'psnr: [\d.]+\t\(bicubic: [\d.]+, gain [+-][\d.]+\)', log), log[-2000:]
-    assert 'demo_val: skipped 1 unreadable image(s)' in log and 'broken.png' in log
-    vis = exp / 'visualization' / 'astronaut'
-    assert {'astronaut_3.png', 'astronaut_3_confidence.png', 'astronaut_3_compare.png'} <= set(os.listdir(vis))
-    assert 'Validation demo_val_unseen' in log
+    assert re.search(rf'Resuming training from epoch: \d+, iter: {done}\.', log), log[-2000:]
+    assert f'net_grm_{done}.pth' in log  # the weights of the same checkpoint were loaded
+    assert re.search(rf'iter:\s+{done + 1},', log) and not re.search(rf'iter:\s+{done},', log)
+    state = torch.load(states / f'{done + 3}.state', weights_only=True)
+    assert state['iter'] == done + 3
+    resumed = torch.load(exp / 'models' / f'net_grm_{done + 3}.pth', weights_only=True)['params']
+    assert any(not torch.equal(weights[k], resumed[k]) for k in weights)  # training went on from there
     assert not glob.glob(str(exp / '**' / '*.tmp'), recursive=True)  # atomic writes leave nothing behind
 
-    # ... continues from it with --auto_resume, on CPU, to iteration 6
-    _run([osp.join(REPO, 'tools', 'train.py'), '-opt', 'train.yml', '--auto_resume'], cwd=workdir)
-    log = _log(exp)
-    assert re.search(r'Resuming training from epoch: \d+, iter: 3\.', log), log[-2000:]
-    assert 'net_grm_3.pth' in log  # the weights of the same checkpoint were loaded
-    assert re.search(r'iter:\s+4,', log) and not re.search(r'iter:\s+[123],', log)
-    assert (exp / 'training_states' / '6.state').is_file()
-    state = torch.load(exp / 'training_states' / '6.state', weights_only=True)
-    assert state['iter'] == 6
-    weights_6 = torch.load(exp / 'models' / 'net_grm_6.pth', weights_only=True)['params']
-    assert any(not torch.equal(weights_3[k], weights_6[k]) for k in weights_3)  # training went on
+    assert re.search(r'psnr: [\d.]+\t\(bicubic: [\d.]+, gain [+-][\d.]+\)', log), log[-2000:]
+    assert 'demo_val: skipped 1 unreadable image(s)' in log and 'broken.png' in log
+    assert 'Validation demo_val_unseen' in log
+    vis = exp / 'visualization' / 'astronaut'
+    it = done + 3  # a multiple of val_freq (3), like every checkpoint iteration
+    assert {f'astronaut_{it}.png', f'astronaut_{it}_confidence.png', f'astronaut_{it}_compare.png'} <= set(
+        os.listdir(vis))
 
     # test with the final weights
     _run([osp.join(REPO, 'tools', 'test.py'), '-opt', 'test.yml'], cwd=workdir)
