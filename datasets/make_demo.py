@@ -28,6 +28,7 @@ torch seeded by the image index, so every machine gets the same LR images.
     4. JPEG, quality 75 (OpenCV), then decoded again
 """
 import argparse
+import functools
 import os
 import os.path as osp
 import shutil
@@ -83,11 +84,9 @@ def degrade_fixed(hr, seed):
     return cv2.imdecode(buf, cv2.IMREAD_COLOR)
 
 
-def degrade_like_training(hr, seed, options=DEMO_OPTIONS):
-    """One seeded draw of the demo's training degradation (Real-ESRGAN second order). uint8 BGR in and out."""
-    import random
-
-    import torch
+@functools.lru_cache(maxsize=None)
+def _training_degradation(options=DEMO_OPTIONS):
+    """(kernel sampler, degradation) of the demo's training options, built once for all val images."""
     import yaml
 
     from patchscaler.data.degradation import RealESRGANDegradation
@@ -95,12 +94,22 @@ def degrade_like_training(hr, seed, options=DEMO_OPTIONS):
 
     with open(options) as f:
         opt = yaml.safe_load(f)
+    return RealESRGANKernels(opt['datasets']['train']), RealESRGANDegradation(opt['degradation'])
+
+
+def degrade_like_training(hr, seed):
+    """One seeded draw of the demo's training degradation (Real-ESRGAN second order). uint8 BGR in and out."""
+    import random
+
+    import torch
+
+    kernel_sampler, degradation = _training_degradation()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     gt = torch.from_numpy(np.ascontiguousarray(hr[..., ::-1])).permute(2, 0, 1)[None].float() / 255.0
-    kernels = {k: v[None] for k, v in RealESRGANKernels(opt['datasets']['train']).sample().items()}
-    lq, _ = RealESRGANDegradation(opt['degradation'])({'gt': gt, **kernels}, SCALE, None)
+    kernels = {k: v[None] for k, v in kernel_sampler.sample().items()}
+    lq, _ = degradation({'gt': gt, **kernels}, SCALE, None)
     return np.ascontiguousarray((lq[0].permute(1, 2, 0).numpy()[..., ::-1] * 255.0).round().astype(np.uint8))
 
 
