@@ -23,3 +23,7 @@ class CheckpointError(PatchScalerError, RuntimeError):
 
 class DataError(PatchScalerError, OSError):
     """A dataset is missing or unreadable (LMDB, folder, meta_info, image file)."""
+
+
+class InputError(PatchScalerError, ValueError):
+    """An input tensor has the wrong shape, range or dtype, or holds NaN (e.g. a confidence map for PGS)."""

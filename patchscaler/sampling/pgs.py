@@ -1,0 +1,347 @@
+"""PGS — Patch-adaptive Group Sampling (section 3.2, Eq. 2 and 5–7, Fig. 4), for any diffusion denoiser.
+
+The coarse HR latent y0 is split into overlapping V×V patches; each patch is graded by its mean confidence
+(Qmap) into groups; group g enters the reverse diffusion at its own step τ_g from
+y_τ = sqrt(ᾱ_τ)·y0 + sqrt(1 - ᾱ_τ)·ε and takes N_g steps; the denoised patches are blended back::
+
+    sampler = SAMPLERS.build(dict(type='PatchGroupSampler', patch_size=16))   # paper configuration
+    x0, report = sampler.sample(lambda x_t, t, cond: net(torch.cat([cond, x_t], 1), t), y0, confidence, cond=y0)
+    print(report.summary())   # patches per group, NFE, and the uniform-sampling NFE it replaces
+
+Conditioning. ``cond`` is a tensor or a dict of them. A (B, C, h, w) tensor over the latent's (h, w) is
+patchified on the same grid as y0, so patch m of y0 and of cond line up. A :class:`PerPatch` tensor
+(B, M, ...) already holds one entry per patch and is sliced. Anything else is passed through unchanged.
+``prepare_cond(cond_batch) -> cond_batch`` runs once per batch of patches before its first step, for
+time-independent conditioning such as the texture prompt: computed once per patch, reused for all steps.
+
+Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then
+patchified, so overlapping patches see the same noise at the same pixel, the result does not depend on
+the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. Stochastic
+steps (η > 0) draw from a generator seeded by (seed, group, first patch of the batch).
+
+Devices. ``devices=['cuda:0', 'cuda:1']`` runs groups concurrently, one thread per device (the paper puts
+the hard group on one GPU and the others on a second, +33.7 %). Groups go to devices by
+``device_groups`` or, by default, longest-processing-time first on the groups' NFE. The result equals the
+sequential run. ``denoiser`` may be a list with one denoiser per device; an ``nn.Module`` is copied to
+each other device on every call (pass a list to avoid that copy).
+"""
+import copy
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..registry import SAMPLERS
+from ..utils.errors import ConfigError, InputError
+from .grouping import GroupAssigner, check_confidence
+from .patches import PatchGrid
+from .schedules import build_scheduler, denoise, schedules_aligned, trailing_timesteps
+
+PAPER_GROUPS = ({'tau': 400, 'steps': 8}, {'tau': 700, 'steps': 14}, {'tau': 1000, 'steps': 20})
+GROUP_NAMES = {1: ('all',), 2: ('simple', 'hard'), 3: ('simple', 'medium', 'hard')}
+
+
+class PerPatch:
+    """Marks conditioning that is already per patch, (B, M, ...), so the sampler slices it by patch."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+@dataclass
+class PGSReport:
+    """What one PGS call did. NFE counts patch evaluations: one denoiser evaluation of one V×V patch."""
+
+    group_names: tuple
+    taus: tuple
+    steps: tuple
+    timesteps: tuple
+    aligned: bool
+    patches_per_group: tuple
+    nfe_per_patch: torch.Tensor  # (B, M)
+    nfe_total: int
+    nfe_uniform: int
+    uniform_steps: int
+    denoiser_calls: int
+    cond_calls: int
+    qmap: torch.Tensor  # (B, M)
+    groups: torch.Tensor  # (B, M)
+    thresholds: torch.Tensor  # (B, G-1)
+    grid: PatchGrid
+    seconds: float = 0.0
+    seconds_per_device: dict = field(default_factory=dict)
+
+    @property
+    def num_patches(self):
+        return int(self.groups.numel())
+
+    @property
+    def nfe_ratio(self):
+        return self.nfe_total / max(self.nfe_uniform, 1)
+
+    def summary(self):
+        parts = ', '.join(f'{n} {c}' for n, c in zip(self.group_names, self.patches_per_group))
+        return (f'PGS: {self.num_patches} patches ({parts}); NFE {self.nfe_total} vs {self.nfe_uniform} for uniform '
+                f'{self.uniform_steps}-step sampling = {self.nfe_ratio:.2f}x')
+
+
+def _parse_groups(groups):
+    out = []
+    for i, g in enumerate(groups):
+        if isinstance(g, dict):
+            unknown = set(g) - {'tau', 'steps'}
+            if unknown or not {'tau', 'steps'} <= set(g):
+                raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}}, got {g}')
+            out.append((int(g['tau']), int(g['steps'])))
+        elif isinstance(g, (list, tuple)) and len(g) == 2:
+            out.append((int(g[0]), int(g[1])))
+        else:
+            raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}} or [tau, steps], got {g!r}')
+    if not out:
+        raise ConfigError('PGS needs at least one group')
+    return out
+
+
+def _lpt(loads, num_devices):
+    """Longest-processing-time-first: heaviest group to the least-loaded device."""
+    buckets, totals = [[] for _ in range(num_devices)], [0] * num_devices
+    for g in sorted(range(len(loads)), key=lambda g: -loads[g]):
+        d = totals.index(min(totals))
+        buckets[d].append(g)
+        totals[d] += loads[g]
+    return buckets
+
+
+@SAMPLERS.register_module()
+class PatchGroupSampler:
+    """Patch-adaptive group sampling; defaults are the paper's (V=16, γ=(0.95, 0.75), τ=(400,700,1000), N=(8,14,20)).
+
+    Args:
+        patch_size (int): V, in latent pixels. stride (int): patch stride (default V // 2).
+        groups (list): per group, easiest first, ``{tau, steps}``.
+        grouping (dict): ``{mode: threshold|quantile|share, thresholds|quantiles|shares: [...]}``, see
+            :mod:`patchscaler.sampling.grouping`. Default: Eq. 2 with the paper's thresholds.
+        scheduler (dict | diffusers scheduler): its ᾱ table (DDIM update) or its own update, see
+            :mod:`patchscaler.sampling.schedules`. Default: DDIM, DiT's linear betas, T = 1000.
+        prediction_type (str): what the denoiser predicts: 'sample' (x0, Patch-DiT), 'epsilon', 'v_prediction'.
+        eta (float): DDIM η (0 = deterministic). batch_size (int): patches per denoiser call.
+        blend (str), blend_sigma (float): patch blending window, see :mod:`patchscaler.sampling.patches`.
+        seed (int): seed of ε. uniform_steps (int): the uniform sampler the report compares with
+            (default: the hardest group's N, i.e. every patch treated as hard — the paper's "unified" setting).
+        devices (list), device_groups (list of lists): group-parallel sampling, see the module docstring.
+        progress (bool): a tqdm bar over denoiser calls.
+    """
+
+    def __init__(self, patch_size=16, stride=None, groups=PAPER_GROUPS, grouping=None, scheduler=None,
+                 prediction_type='sample', eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
+                 uniform_steps=None, devices=None, device_groups=None, progress=False):
+        self.groups = _parse_groups(groups)
+        self.scheduler = build_scheduler(scheduler, prediction_type)
+        t_max = int(self.scheduler.config.num_train_timesteps)
+        self.timesteps = [trailing_timesteps(tau, n, t_max) for tau, n in self.groups]
+        grouping = dict(grouping or {})
+        self.assigner = GroupAssigner(len(self.groups), **grouping)
+        PatchGrid.for_shape(1, 1, patch_size, stride)  # validates V and stride now, not at the first call
+        self.patch_size, self.stride = int(patch_size), stride
+        self.prediction_type, self.eta = prediction_type, float(eta)
+        if int(batch_size) < 1:
+            raise ConfigError(f'batch_size must be >= 1, got {batch_size}')
+        self.batch_size, self.blend, self.blend_sigma = int(batch_size), blend, float(blend_sigma)
+        self.seed = int(seed)
+        self.uniform_steps = int(uniform_steps or max(n for _, n in self.groups))
+        self.devices = [torch.device(d) for d in devices] if devices else None
+        if device_groups is not None:
+            flat = sorted(g for gs in device_groups for g in gs)
+            if not self.devices or len(device_groups) != len(self.devices) or flat != list(range(len(self.groups))):
+                raise ConfigError(f'device_groups must list every group index 0..{len(self.groups) - 1} exactly once, '
+                                  f'one list per device, got {device_groups} for devices {devices}')
+        self.device_groups = device_groups
+        self.progress = progress
+        n = len(self.groups)
+        self.group_names = GROUP_NAMES.get(n, tuple(f'group{g}' for g in range(n)))
+
+    # ---------------------------------------------------------------- conditioning
+    @staticmethod
+    def _split_cond(cond, grid, batch):
+        """Patchify spatial tensors, flatten PerPatch ones to (B·M, ...); returns a slicer(idx)."""
+        def prepare(c):
+            if isinstance(c, PerPatch):
+                t = c.tensor
+                if t.shape[:2] != (batch, grid.num_patches):
+                    raise InputError(f'PerPatch conditioning must be (B, M, ...) = ({batch}, {grid.num_patches}, ...),'
+                                     f' got {tuple(t.shape)}')
+                return t.reshape(batch * grid.num_patches, *t.shape[2:])
+            if torch.is_tensor(c):
+                if c.dim() != 4 or c.shape[0] != batch or tuple(c.shape[-2:]) != (grid.height, grid.width):
+                    raise InputError(f'spatial conditioning must be (B, C, h, w) with (B, h, w) = ({batch}, '
+                                     f'{grid.height}, {grid.width}) like y0, got {tuple(c.shape)}; wrap per-patch '
+                                     f'tensors in PerPatch')
+                return grid.patchify(c).flatten(0, 1)
+            return c
+
+        flat = {k: prepare(v) for k, v in cond.items()} if isinstance(cond, dict) else prepare(cond)
+
+        def slicer(idx, device):
+            def take(c):
+                return c[idx.to(c.device)].to(device) if torch.is_tensor(c) else c
+            return {k: take(v) for k, v in flat.items()} if isinstance(flat, dict) else take(flat)
+        return slicer
+
+    # ---------------------------------------------------------------- grouping
+    def assign(self, confidence, latent_shape):
+        """(groups (B, M), Qmap (B, M), thresholds (B, G-1), grid) for a confidence map over the latent."""
+        grid = PatchGrid.for_shape(latent_shape[-2], latent_shape[-1], self.patch_size, self.stride)
+        if confidence is None:
+            if len(self.groups) != 1:
+                raise InputError(f'{len(self.groups)} groups need a confidence map; pass confidence=..., or '
+                                 'configure one group for uniform sampling')
+            q = torch.ones(latent_shape[0], grid.num_patches)
+            return torch.zeros_like(q, dtype=torch.long), q, q.new_zeros(latent_shape[0], 0), grid
+        c = check_confidence(confidence, latent_shape)
+        qmap = grid.patch_mean(c)
+        groups, thr = self.assigner.assign(qmap)
+        return groups, qmap, thr, grid
+
+    # ---------------------------------------------------------------- sampling
+    def _plan(self, groups_flat):
+        """[(device index, group, patch indices)] batches, and the per-device group lists."""
+        n_dev = len(self.devices) if self.devices else 1
+        counts = [int((groups_flat == g).sum()) for g in range(len(self.groups))]
+        buckets = self.device_groups or _lpt([c * n for c, (_, n) in zip(counts, self.groups)], n_dev)
+        plan = [[] for _ in range(n_dev)]
+        for d, gs in enumerate(buckets):
+            for g in sorted(gs, reverse=True):
+                idx = torch.nonzero(groups_flat == g).flatten()
+                plan[d] += [(g, idx[i:i + self.batch_size]) for i in range(0, len(idx), self.batch_size)]
+        return plan, counts
+
+    def _denoisers(self, denoiser, devices):
+        if isinstance(denoiser, (list, tuple)):
+            if len(denoiser) != len(devices):
+                raise ConfigError(f'{len(denoiser)} denoisers given for {len(devices)} devices')
+            return list(denoiser)
+        if isinstance(denoiser, torch.nn.Module):
+            home = next(denoiser.parameters(), torch.empty(0)).device
+            return [denoiser if torch.device(d) == home or torch.device(d).type == home.type == 'cpu'
+                    else copy.deepcopy(denoiser).to(d) for d in devices]
+        if len({str(d) for d in devices}) > 1:
+            raise ConfigError('group-parallel sampling on several devices needs one denoiser per device '
+                              '(a list) or an nn.Module to copy')
+        return [denoiser] * len(devices)
+
+    @torch.no_grad()
+    def sample(self, denoiser, y0, confidence=None, cond=None, prepare_cond=None, groups=None, seed=None):
+        """Denoise y0 (B, c, h, w) patch by patch, each group with its own (τ, N); returns (x0, PGSReport).
+
+        ``confidence``: (B, 1, h, w) in [0, 1] over y0 (the GRM's C), graded by Eq. 2. ``groups``: a (B, M)
+        long tensor that overrides the grading (e.g. from :meth:`assign` on another map).
+        """
+        if not torch.is_tensor(y0) or y0.dim() != 4 or not y0.is_floating_point():
+            raise InputError(f'y0 must be a float tensor (B, c, h, w), got '
+                             f'{tuple(y0.shape) if torch.is_tensor(y0) else type(y0).__name__}')
+        start = time.perf_counter()
+        b = y0.shape[0]
+        if groups is None:
+            groups, qmap, thr, grid = self.assign(confidence, y0.shape)
+        else:
+            grid = PatchGrid.for_shape(y0.shape[-2], y0.shape[-1], self.patch_size, self.stride)
+            if tuple(groups.shape) != (b, grid.num_patches) or groups.min() < 0 or groups.max() >= len(self.groups):
+                raise InputError(f'groups must be (B, M) = ({b}, {grid.num_patches}) with values in '
+                                 f'[0, {len(self.groups) - 1}], got {tuple(groups.shape)}')
+            qmap, thr = torch.full(groups.shape, float('nan')), torch.zeros(b, 0)
+        groups = groups.to(torch.long).cpu()
+        seed = self.seed if seed is None else int(seed)
+        noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        y0_p = grid.patchify(y0).flatten(0, 1)
+        noise_p = grid.patchify(noise.to(y0.device, y0.dtype)).flatten(0, 1)
+        cond_at = self._split_cond(cond, grid, b)
+        out = torch.empty_like(y0_p)
+        groups_flat = groups.flatten()
+        plan, counts = self._plan(groups_flat)
+        devices = self.devices or [y0.device]
+        nets = self._denoisers(denoiser, devices)
+        calls = sum(-(-c // self.batch_size) * n for c, (_, n) in zip(counts, self.groups))
+        stats = {'calls': 0, 'cond': 0, 'seconds': {}}
+        lock = threading.Lock()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=calls, desc='PGS', unit='call', leave=False)
+
+        def on_step():
+            with lock:
+                stats['calls'] += 1
+                if bar is not None:
+                    bar.update(1)
+
+        def run_device(d):
+            t0, dev, net = time.perf_counter(), torch.device(devices[d]), nets[d]
+            for g, idx in plan[d]:
+                c = cond_at(idx, dev)
+                if prepare_cond is not None:
+                    c = prepare_cond(c)
+                    with lock:
+                        stats['cond'] += 1
+                gen = torch.Generator().manual_seed(hash((seed, g, int(idx[0]))) % 2 ** 63) if self.eta else None
+                x = denoise(net, y0_p[idx.to(y0_p.device)].to(dev), noise_p[idx.to(y0_p.device)].to(dev), c,
+                            self.timesteps[g], self.scheduler, self.prediction_type, self.eta, gen, on_step)
+                out[idx.to(out.device)] = x.to(out.device, out.dtype)
+            stats['seconds'][str(devices[d])] = time.perf_counter() - t0
+
+        try:
+            if len(plan) == 1:
+                run_device(0)
+            else:
+                self._run_threads(run_device, len(plan))
+        finally:
+            if bar is not None:
+                bar.close()
+        x0 = grid.blend(out.view(b, grid.num_patches, *out.shape[1:]), self.blend, self.blend_sigma)
+        steps = torch.tensor([n for _, n in self.groups])
+        nfe_per_patch = steps[groups]
+        report = PGSReport(
+            group_names=self.group_names, taus=tuple(t for t, _ in self.groups),
+            steps=tuple(n for _, n in self.groups), timesteps=tuple(tuple(ts) for ts in self.timesteps),
+            aligned=schedules_aligned(self.timesteps), patches_per_group=tuple(counts),
+            nfe_per_patch=nfe_per_patch, nfe_total=int(nfe_per_patch.sum()),
+            nfe_uniform=groups.numel() * self.uniform_steps, uniform_steps=self.uniform_steps,
+            denoiser_calls=stats['calls'], cond_calls=stats['cond'], qmap=qmap.cpu(), groups=groups,
+            thresholds=thr.cpu(), grid=grid, seconds=time.perf_counter() - start,
+            seconds_per_device=stats['seconds'])
+        return x0, report
+
+    @staticmethod
+    def _run_threads(fn, n):
+        errors = []
+
+        def guarded(d):
+            try:
+                fn(d)
+            except BaseException as e:  # re-raised in the caller's thread below
+                errors.append(e)
+        threads = [threading.Thread(target=guarded, args=(d,), name=f'pgs-device{d}') for d in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
+def sample(denoiser, y0, confidence=None, cond=None, prepare_cond=None, **sampler_options):
+    """One-shot PGS: ``PatchGroupSampler(**sampler_options).sample(denoiser, y0, confidence, cond, prepare_cond)``."""
+    return PatchGroupSampler(**sampler_options).sample(denoiser, y0, confidence, cond, prepare_cond)
+
+
+def build_sampler(opt):
+    """A sampler from options: a dict ``{type: PatchGroupSampler, ...}``, a dict with a ``sampler`` section, or the
+    path of a YAML file with one (``options/samplers/pgs_paper.yml``). Unknown keys are one-line ConfigErrors."""
+    from ..utils.options_check import build_from_registry
+    if isinstance(opt, str):
+        import yaml
+        with open(opt) as f:
+            opt = yaml.safe_load(f)
+    if isinstance(opt, dict) and 'sampler' in opt and 'type' not in opt:
+        opt = opt['sampler']
+    return build_from_registry(SAMPLERS, opt, 'sampler')

@@ -1,0 +1,162 @@
+"""Per-group timestep schedules, the start point y_τ (Eq. 7) and one group's reverse process.
+
+Pure functions of a schedule in the spirit of diffusers' schedulers, with no state between calls.
+
+Schedules. A group with entry step τ and N steps denoises at the "trailing" timesteps of the interval
+[0, τ): ``t_k = round(τ - k·τ/N) - 1``, k = 0 … N-1 (0-based diffusers time; the paper's 1-based ᾱ_τ is
+``alphas_cumprod[τ - 1]``). For the paper's τ = (400, 700, 1000), N = (8, 14, 20), τ/N = 50 for every
+group, so each group's schedule is the tail of the hardest group's 20-step trailing DDIM schedule
+(999, 949, …, 49): they differ only in where they enter. Pairs whose τ/N differ (e.g. τ=500, N=7) still
+work: the group gets its own trailing schedule on [0, τ), ending near t = τ/N - 1 instead of at a shared
+final step; :func:`schedules_aligned` tells which case a configuration is.
+
+Start point (Eq. 7). The reverse process of a group starts at its first timestep t_0 = τ - 1 from
+``y_τ = sqrt(ᾱ)·y0 + sqrt(1 - ᾱ)·ε`` — diffusers' ``add_noise`` — with ε drawn by the caller.
+
+Update rule. ``DDIMScheduler`` and ``DDPMScheduler`` (and any scheduler whose ᾱ table is all we need)
+use :func:`ddim_step` below: deterministic for η = 0, DDPM-like ancestral for η = 1; after the last
+timestep ᾱ_prev = the scheduler's ``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one``), so the last
+step returns the model's x0 estimate. Other diffusers schedulers (DPM-Solver++, Euler, UniPC with custom
+timesteps, LCM, …) plug in unchanged: a fresh copy per batch gets ``set_timesteps(timesteps=...)`` and
+drives ``add_noise`` / ``scale_model_input`` / ``step``; they must accept custom timesteps.
+"""
+import inspect
+
+import torch
+
+from ..utils.errors import ConfigError, InputError
+
+PREDICTION_TYPES = ('sample', 'epsilon', 'v_prediction')
+ALPHA_TABLE_SCHEDULERS = ('DDIMScheduler', 'DDPMScheduler')
+# DiT's schedule (Patch-DiT is built on DiT): linear betas 1e-4 .. 0.02 over T = 1000 steps.
+DEFAULT_SCHEDULER = dict(type='DDIMScheduler', num_train_timesteps=1000, beta_schedule='linear',
+                         beta_start=1e-4, beta_end=0.02, clip_sample=False, set_alpha_to_one=True,
+                         timestep_spacing='trailing')
+
+
+def trailing_timesteps(tau, steps, num_train_timesteps=1000):
+    """The N trailing timesteps of [0, τ), descending: τ=1000, N=20 -> 999, 949, …, 49."""
+    tau, steps = int(tau), int(steps)
+    if not 1 <= tau <= num_train_timesteps:
+        raise ConfigError(f'tau must be in [1, {num_train_timesteps}] (the scheduler has {num_train_timesteps} '
+                          f'training steps), got {tau}')
+    if not 1 <= steps <= tau:
+        raise ConfigError(f'steps must be in [1, tau={tau}], got {steps}')
+    return [round(tau - k * tau / steps) - 1 for k in range(steps)]
+
+
+def schedules_aligned(timesteps_per_group):
+    """True when every group's timesteps are the tail of the longest group's schedule (the paper's case)."""
+    longest = max(timesteps_per_group, key=len)
+    return all(ts == longest[len(longest) - len(ts):] for ts in timesteps_per_group)
+
+
+def build_scheduler(scheduler=None, prediction_type='sample'):
+    """A diffusers scheduler from an instance or a config dict ``{type: DDIMScheduler, ...}``."""
+    import diffusers
+    if scheduler is None:
+        scheduler = dict(DEFAULT_SCHEDULER)
+    if isinstance(scheduler, dict):
+        kwargs = dict(scheduler)
+        name = kwargs.pop('type', 'DDIMScheduler')
+        cls = getattr(diffusers, str(name), None)
+        if cls is None or not hasattr(cls, 'alphas_cumprod') and not hasattr(cls, 'set_timesteps'):
+            raise ConfigError(f"scheduler type '{name}' is not a diffusers scheduler")
+        unknown = set(kwargs) - set(inspect.signature(cls.__init__).parameters)
+        if unknown:
+            raise ConfigError(f"scheduler {name} has no option(s) {sorted(unknown)}")
+        scheduler = cls(**kwargs)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"prediction_type '{prediction_type}' is not one of {PREDICTION_TYPES}")
+    if type(scheduler).__name__ not in ALPHA_TABLE_SCHEDULERS:
+        params = inspect.signature(scheduler.set_timesteps).parameters
+        if 'timesteps' not in params:
+            raise ConfigError(f'{type(scheduler).__name__}.set_timesteps takes no custom timesteps, so it cannot '
+                              f'run per-group schedules; use DDIMScheduler or e.g. DPMSolverMultistepScheduler')
+        if scheduler.config.get('prediction_type') != prediction_type:
+            scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    elif scheduler.config.get('thresholding'):
+        raise ConfigError('dynamic thresholding is for pixel-space models; PGS runs on latents: set thresholding '
+                          'false')
+    return scheduler
+
+
+def alpha_bar(scheduler, t):
+    """ᾱ_t as a Python float; t = -1 means "after the last step" (the scheduler's final ᾱ)."""
+    if t < 0:
+        final = getattr(scheduler, 'final_alpha_cumprod', None)
+        return 1.0 if final is None else float(final)
+    return float(scheduler.alphas_cumprod[int(t)])
+
+
+def q_sample(y0, noise, a_bar):
+    """Eq. 7: y_t = sqrt(ᾱ_t)·y0 + sqrt(1 - ᾱ_t)·ε."""
+    return a_bar ** 0.5 * y0 + (1 - a_bar) ** 0.5 * noise
+
+
+def to_x0_eps(model_output, sample, a_bar, prediction_type):
+    """The model's x0 and ε estimates from its output, for each of diffusers' prediction types."""
+    s, n = a_bar ** 0.5, (1 - a_bar) ** 0.5
+    if prediction_type == 'sample':
+        return model_output, (sample - s * model_output) / n
+    if prediction_type == 'epsilon':
+        return (sample - n * model_output) / s, model_output
+    return s * sample - n * model_output, s * model_output + n * sample  # v_prediction
+
+
+def ddim_step(model_output, sample, a_t, a_prev, prediction_type='sample', eta=0.0, noise=None,
+              clip_range=None):
+    """One DDIM update x_t -> x_prev (Song et al., Eq. 12) from ᾱ_t and ᾱ_prev; η = 0 is deterministic."""
+    x0, eps = to_x0_eps(model_output, sample, a_t, prediction_type)
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5 if eta else 0.0
+    prev = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+    if sigma:
+        if noise is None:
+            raise InputError('eta > 0 needs noise for the stochastic DDIM step')
+        prev = prev + sigma * noise
+    return prev
+
+
+def _call(denoiser, x, t, cond, dtype):
+    out = denoiser(x, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long), cond)
+    out = getattr(out, 'sample', out)  # diffusers models return an output object
+    if not torch.is_tensor(out) or out.shape != x.shape:
+        raise InputError(f'the denoiser must return a tensor shaped like x_t {tuple(x.shape)}, got '
+                         f'{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}')
+    return out.to(dtype)
+
+
+def denoise(denoiser, y0, noise, cond, timesteps, scheduler, prediction_type='sample', eta=0.0,
+            generator=None, on_step=None):
+    """One group's reverse process for a batch of patches: from y_τ (Eq. 7) through ``timesteps`` to x0.
+
+    ``denoiser(x_t, t, cond)`` is called once per timestep on the whole batch (t: long tensor (n,)).
+    ``generator`` (a CPU torch.Generator) supplies the noise of stochastic steps (η > 0 or an ancestral
+    diffusers scheduler). ``on_step()`` is called after every denoiser call (progress bars).
+    """
+    def step_noise():
+        return torch.randn(y0.shape, generator=generator, dtype=torch.float32).to(y0.device, y0.dtype)
+
+    if type(scheduler).__name__ in ALPHA_TABLE_SCHEDULERS:
+        x = q_sample(y0, noise, alpha_bar(scheduler, timesteps[0]))
+        clip = scheduler.config.get('clip_sample_range', 1.0) if scheduler.config.get('clip_sample') else None
+        for i, t in enumerate(timesteps):
+            out = _call(denoiser, x, t, cond, x.dtype)
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            x = ddim_step(out, x, alpha_bar(scheduler, t), alpha_bar(scheduler, t_prev), prediction_type, eta,
+                          step_noise() if eta else None, clip)
+            if on_step:
+                on_step()
+        return x
+    sched = type(scheduler).from_config(scheduler.config)  # fresh: multistep solvers keep per-run history
+    sched.set_timesteps(timesteps=list(timesteps), device=y0.device)
+    x = sched.add_noise(y0, noise, sched.timesteps[:1].repeat(y0.shape[0]))
+    step_kwargs = {'generator': generator} if 'generator' in inspect.signature(sched.step).parameters else {}
+    for t in sched.timesteps:
+        out = _call(denoiser, sched.scale_model_input(x, t), t, cond, x.dtype)
+        x = sched.step(out, t, x, **step_kwargs).prev_sample.to(y0.dtype)
+        if on_step:
+            on_step()
+    return x
