@@ -47,11 +47,13 @@ def workdir(tmp_path_factory):
     opt['train']['scheduler']['periods'] = [6]
     opt['val']['val_freq'] = 3
     opt['logger'].update(print_freq=1, save_checkpoint_freq=3, use_tb_logger=False)
+    opt['sampler'] = osp.join(REPO, opt['sampler'])
     (root / 'train.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
 
     with open(osp.join(REPO, 'options', 'demo', 'test_grm_demo.yml')) as f:
         test_opt = yaml.safe_load(f)
     test_opt['network_grm'] = opt['network_grm']
+    test_opt['sampler'] = opt['sampler']
     test_opt['datasets']['test_1'].update(opt['datasets']['val'], name='demo_val')
     test_opt['datasets']['test_2'].update(opt['datasets']['val_unseen'], name='demo_val_unseen')
     test_opt['path']['pretrain_network_grm'] = str(root / 'experiments' / 'tiny_grm' / 'models' /
@@ -100,8 +102,15 @@ def test_train_kill_resume_and_test(workdir):
     assert 'Validation demo_val_unseen' in log
     vis = exp / 'visualization' / 'astronaut'
     it = done + 3  # a multiple of val_freq (3), like every checkpoint iteration
-    assert {f'astronaut_{it}.png', f'astronaut_{it}_confidence.png', f'astronaut_{it}_compare.png'} <= set(
-        os.listdir(vis))
+    assert {f'astronaut_{it}.png', f'astronaut_{it}_confidence.png', f'astronaut_{it}_compare.png',
+            f'astronaut_{it}_pgs.png'} <= set(os.listdir(vis))
+    # PGS grading of the GRM's confidence (Eq. 2): shares of the 3 groups and the NFE ratio it implies
+    grading = re.search(r'PGS grading of demo_val \((\d+) patches.*: simple ([\d.]+)%, medium ([\d.]+)%, '
+                        r'hard ([\d.]+)%; NFE (\d+) vs (\d+) uniform', log)
+    assert grading, log[-2000:]
+    patches, simple, medium, hard, nfe, uniform = map(float, grading.groups())
+    assert abs(simple + medium + hard - 100) < 0.2 and uniform == 20 * patches
+    assert abs(nfe - patches * (8 * simple + 14 * medium + 20 * hard) / 100) < 0.01 * patches  # shares: 0.1 %
 
     # test with the final weights
     _run([osp.join(REPO, 'tools', 'test.py'), '-opt', 'test.yml'], cwd=workdir)
@@ -111,6 +120,8 @@ def test_train_kill_resume_and_test(workdir):
         assert len([f for f in images if f.endswith('_demo_grm_x4_test.png')]) == count
     test_log = open(glob.glob(str(res / 'test_*.log'))[0]).read()
     assert re.search(r'# psnr: [\d.]+\t\(bicubic', test_log)
+    assert 'PGS grading of demo_val_unseen' in test_log
+    assert any(f.endswith('_pgs.png') for f in os.listdir(res / 'visualization' / 'demo_val_unseen'))
 
 
 def test_torchrun_two_cpu_processes(workdir):

@@ -7,6 +7,11 @@ metrics of plain bicubic upsampling (the number the GRM must beat), and saves th
 map and a side-by-side strip. The diffusion stage (Patch-DiT + PGS) is added to this class later; its
 options live under the same keys (``train.stage``).
 
+With a ``sampler`` option (a PGS options dict or the path of a file such as
+``options/samplers/pgs_paper.yml``), validation also grades the GRM's confidence the way PGS will (Eq. 2),
+logs the share of patches per group and the NFE ratio PGS would need against uniform sampling, and saves
+the Qmap/group overlay (``*_pgs.png``).
+
 Training data comes HR-only with Real-ESRGAN kernels (:class:`RealESRGANHRDataset`) and is degraded here,
 on the model's device, by :class:`RealESRGANDegradation`. Paired data (``lq``/``gt``) is used as is.
 """
@@ -25,8 +30,9 @@ from tqdm import tqdm
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
 from patchscaler.data.degradation import RealESRGANDegradation
+from patchscaler.sampling import build_sampler
 from patchscaler.utils.errors import ConfigError
-from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip
+from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay
 
 STAGES = ('grm',)
 
@@ -49,6 +55,8 @@ class PatchScalerModel(BaseModel):
         self.autoencoder = build_autoencoder(opt['autoencoder']).to(self.device)
         self.net_grm = self.model_to_device(build_network(opt['network_grm']))
         self.print_network(self.net_grm)
+        self.sampler = build_sampler(opt['sampler']) if opt.get('sampler') else None
+        self.pgs_groups = None
         load_path = opt['path'].get('pretrain_network_grm')
         if load_path is not None:
             self.load_network(self.net_grm, load_path, opt['path'].get('strict_load_grm', True),
@@ -116,6 +124,8 @@ class PatchScalerModel(BaseModel):
         self.output = self.autoencoder.decode(y_hr)[..., :h, :w].clamp(0, 1)
         d = self.autoencoder.downscale_factor
         self.confidence = confidence[..., :-(-h // d), :-(-w // d)]
+        if self.sampler is not None:  # Eq. 2 on this image: what PGS will do with it
+            self.pgs_groups = self.sampler.assign(self.confidence, (y_hr.shape[0], 1, *self.confidence.shape[-2:]))
         grm.train(was_training)
 
     def get_current_visuals(self):
@@ -132,7 +142,7 @@ class PatchScalerModel(BaseModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         metrics = self.opt['val'].get('metrics') or {}
-        sums, count, skipped = {}, 0, []
+        sums, count, skipped, pgs_counts = {}, 0, [], []
         for val_data in tqdm(dataloader, desc=f'val {dataset_name}', unit='img', leave=False,
                              disable=not self.opt['val'].get('pbar', True)):
             name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
@@ -145,6 +155,8 @@ class PatchScalerModel(BaseModel):
             sr_img = tensor2img([visuals['result']])
             if save_img:
                 self._save_visuals(visuals, sr_img, name, dataset_name, current_iter)
+            if self.pgs_groups is not None:
+                pgs_counts.append(self.pgs_groups[0].flatten())
             if 'gt' in visuals:
                 gt_img, bic_img = tensor2img([visuals['gt']]), tensor2img([visuals['bicubic']])
                 for metric, metric_opt in metrics.items():
@@ -157,6 +169,20 @@ class PatchScalerModel(BaseModel):
                                       '\n  '.join(skipped))
         self.metric_results = {k: v / count for k, v in sums.items()} if count else {}
         self._log_metrics(current_iter, dataset_name, tb_logger)
+        if pgs_counts:
+            self._log_pgs(torch.cat(pgs_counts), dataset_name, current_iter, tb_logger)
+
+    def _log_pgs(self, groups, dataset_name, current_iter, tb_logger):
+        s = self.sampler
+        nfe, uniform = s.nfe(groups)
+        shares = [float((groups == g).float().mean()) for g in range(len(s.groups))]
+        parts = ', '.join(f'{n} {100 * f:.1f}%' for n, f in zip(s.group_names, shares))
+        get_root_logger().info(f'PGS grading of {dataset_name} ({groups.numel()} patches of {s.patch_size}² latent): '
+                               f'{parts}; NFE {nfe} vs {uniform} uniform = {nfe / max(uniform, 1):.2f}x')
+        if tb_logger:
+            tb_logger.add_scalar(f'pgs/{dataset_name}/nfe_ratio', nfe / max(uniform, 1), current_iter)
+            for n, f in zip(s.group_names, shares):
+                tb_logger.add_scalar(f'pgs/{dataset_name}/share_{n}', f, current_iter)
 
     def _log_metrics(self, current_iter, dataset_name, tb_logger):
         if not self.metric_results:
@@ -193,6 +219,10 @@ class PatchScalerModel(BaseModel):
             tiles.insert(2, tensor2img([visuals['gt']]))
             labels.insert(2, 'HR')
         imwrite(labelled_strip(tiles, labels), osp.join(folder, f'{suffix}_compare.png'))
+        if self.pgs_groups is not None:
+            groups, qmap, _, grid = self.pgs_groups
+            imwrite(qmap_overlay(sr_img, qmap[0], groups[0], grid, self.sampler.group_names),
+                    osp.join(folder, f'{suffix}_pgs.png'))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch, current_iter):

@@ -19,6 +19,7 @@ so a patch exactly at a threshold goes to the harder group. Three ways to get th
 ``quantile`` and ``share`` are per image: each image of a batch gets its own thresholds.
 """
 import torch
+import torch.nn.functional as F
 
 from ..utils.errors import ConfigError, InputError
 
@@ -134,3 +135,17 @@ def assign_groups(confidence, patch_size=16, stride=None, num_groups=3, mode='th
     qmap = grid.patch_mean(c)
     groups, _ = GroupAssigner(num_groups, mode, thresholds, quantiles, shares).assign(qmap)
     return groups, qmap
+
+
+def texture_confidence(latent, window=5, strength=1.0):
+    """A confidence-like map in (0, 1] for models without a GRM: exp(-local high-frequency energy / its median).
+
+    Flat regions (little to restore) come out near 1, textured ones lower. Only the ranking matters with
+    grouping mode ``share`` or ``quantile``; ``strength`` sharpens the map for mode ``threshold``.
+    """
+    x = latent.float()
+    high = x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), 3, stride=1)
+    pad = window // 2
+    energy = F.avg_pool2d(F.pad(high.pow(2).mean(1, keepdim=True), (pad,) * 4, mode='replicate'), window, stride=1)
+    scale = energy.flatten(1).median(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
+    return torch.exp(-strength * energy / scale)

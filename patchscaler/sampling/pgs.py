@@ -203,6 +203,11 @@ class PatchGroupSampler:
         groups, thr = self.assigner.assign(qmap)
         return groups, qmap, thr, grid
 
+    def nfe(self, groups):
+        """(NFE of PGS, NFE of uniform sampling) for a (B, M) group map: patch evaluations, exact."""
+        steps = torch.tensor([n for _, n in self.groups])
+        return int(steps[groups.long().cpu()].sum()), groups.numel() * self.uniform_steps
+
     # ---------------------------------------------------------------- sampling
     def _plan(self, groups_flat):
         """[(device index, group, patch indices)] batches, and the per-device group lists."""
@@ -298,14 +303,13 @@ class PatchGroupSampler:
             if bar is not None:
                 bar.close()
         x0 = grid.blend(out.view(b, grid.num_patches, *out.shape[1:]), self.blend, self.blend_sigma)
-        steps = torch.tensor([n for _, n in self.groups])
-        nfe_per_patch = steps[groups]
+        nfe_per_patch = torch.tensor([n for _, n in self.groups])[groups]
+        nfe_total, nfe_uniform = self.nfe(groups)
         report = PGSReport(
             group_names=self.group_names, taus=tuple(t for t, _ in self.groups),
             steps=tuple(n for _, n in self.groups), timesteps=tuple(tuple(ts) for ts in self.timesteps),
             aligned=schedules_aligned(self.timesteps), patches_per_group=tuple(counts),
-            nfe_per_patch=nfe_per_patch, nfe_total=int(nfe_per_patch.sum()),
-            nfe_uniform=groups.numel() * self.uniform_steps, uniform_steps=self.uniform_steps,
+            nfe_per_patch=nfe_per_patch, nfe_total=nfe_total, nfe_uniform=nfe_uniform, uniform_steps=self.uniform_steps,
             denoiser_calls=stats['calls'], cond_calls=stats['cond'], qmap=qmap.cpu(), groups=groups,
             thresholds=thr.cpu(), grid=grid, seconds=time.perf_counter() - start,
             seconds_per_device=stats['seconds'])

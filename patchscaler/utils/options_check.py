@@ -14,7 +14,7 @@ from .errors import ConfigError
 TOP_LEVEL_KEYS = {
     'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'path', 'train', 'val', 'logger',
     'dist_params', 'find_unused_parameters', 'autoencoder', 'degradation', 'is_train', 'dist', 'rank',
-    'world_size', 'auto_resume', 'root_path'}
+    'world_size', 'auto_resume', 'root_path', 'sampler'}
 SECTION_KEYS = {
     'logger': {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'},
     'val': {'val_freq', 'save_img', 'metrics', 'pbar', 'suffix'},
@@ -167,6 +167,11 @@ def check_options(opt):
         ae = opt['autoencoder']
         check_signature(_registry_get(ARCH_REGISTRY, ae['type'], 'autoencoder'),
                         {k: v for k, v in ae.items() if k != 'type'}, 'autoencoder')
+    if opt.get('sampler'):
+        from patchscaler.sampling import build_sampler
+        if isinstance(opt['sampler'], str):
+            _check_path('sampler', opt['sampler'])
+        build_sampler(opt['sampler'])
     if not isinstance(opt['datasets'], dict) or not opt['datasets']:
         raise ConfigError("'datasets' must map phases (train, val, test_1, ...) to dataset options")
     for phase, ds in opt['datasets'].items():

@@ -1,0 +1,84 @@
+"""PGS seen from outside: the wrap-your-own-model example, the benchmark tool, and the model's ``sampler`` option."""
+import json
+import os.path as osp
+import sys
+
+import pytest
+import torch
+
+from patchscaler.sampling import build_sampler, texture_confidence
+from patchscaler.sampling.example_unet import ADAPTIVE_OPTIONS, build_example_unet, run_example
+from patchscaler.utils.errors import ConfigError
+
+from conftest import ROOT
+
+
+class CountingUNet(torch.nn.Module):
+    """The example's UNet with a record of what it was called with."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.inputs = unet, []
+
+    def forward(self, x, t):
+        self.inputs.append((tuple(x.shape), int(t[0])))
+        return self.unet(x, t)
+
+
+def test_example_drives_a_diffusers_unet_with_the_y0_patch_concatenated():
+    y0 = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(3))
+    unet = CountingUNet(build_example_unet(4, 16, width=8).eval())
+    latent, report = run_example(y0, unet, batch_size=4)
+    assert latent.shape == y0.shape and torch.isfinite(latent).all()
+    m = report.num_patches
+    assert m == 2 * 4  # rows start at 0, 8 (24 = 16 + 8); cols at 0, 8, 16, 24 (40 = 16 + 24)
+    assert report.patches_per_group == (round(0.4 * m), round(0.7 * m) - round(0.4 * m), m - round(0.7 * m))
+    assert all(shape[1] == 8 and shape[2:] == (16, 16) for shape, _ in unet.inputs)  # concat(y0, x_t)
+    assert sum(shape[0] for shape, _ in unet.inputs) == report.nfe_total
+    assert {t for _, t in unet.inputs} <= set(range(999, 0, -50))  # the trailing schedule's steps
+
+
+def test_texture_confidence_ranks_flat_above_busy():
+    flat = torch.zeros(1, 4, 16, 16)
+    busy = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    c = texture_confidence(torch.cat([flat, busy], 3))
+    assert c.shape == (1, 1, 16, 32) and (c > 0).all() and (c <= 1).all()
+    assert c[..., 2:-2, 2:14].mean() > 0.99 > c[..., 2:-2, 18:30].mean()
+
+
+def test_adaptive_options_file_builds_the_documented_sampler():
+    s = build_sampler(ADAPTIVE_OPTIONS)
+    assert s.assigner.mode == 'share' and s.assigner.values == [0.4, 0.3, 0.3]
+    assert s.prediction_type == 'epsilon' and s.scheduler.config.beta_schedule == 'scaled_linear'
+
+
+def test_benchmark_writes_json_and_markdown_with_exact_nfe_ratios(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(osp.join(ROOT, 'tools'))
+    sys.modules.pop('benchmark', None)
+    import benchmark
+    out = tmp_path / 'bench'
+    benchmark.main(['--lr-size', '40', '--ae-factor', '4', '--patch-size', '8', '--repeats', '1', '--warmup', '0',
+                    '--shares', '1/0/0', '0.5/0.25/0.25', '0/0/1', '--out', str(out)])
+    result = json.loads((out / 'benchmark.json').read_text())
+    rows = result['pgs']
+    assert [r['scenario'] for r in rows][0].startswith('uniform')
+    m = sum(rows[0]['patches_per_group'])
+    assert m == 9 * 9  # 40 px latent, V=8, stride 4
+    assert rows[1]['nfe_ratio'] == pytest.approx(8 / 20) and rows[3]['nfe_ratio'] == 1.0
+    g = rows[2]['patches_per_group']
+    assert rows[2]['nfe'] == 8 * g[0] + 14 * g[1] + 20 * g[2]
+    assert all(r['wall_s'] > 0 and r['overhead_s'] > 0 for r in rows)
+    table = (out / 'benchmark.md').read_text()
+    assert '| pgs shares 1/0/0 |' in table and '0.40' in table
+
+
+def test_model_options_sampler_is_checked(demo_opt):
+    from patchscaler.utils.options_check import check_options
+    opt = dict(demo_opt, sampler={'type': 'PatchGroupSampler', 'patch_size': 16, 'grouping': {'mode': 'quantil'}})
+    opt['datasets'] = {'val': opt['datasets']['val']}
+    opt['datasets']['val'] = dict(opt['datasets']['val'], dataroot_lq=ROOT, dataroot_gt=ROOT)
+    with pytest.raises(ConfigError, match="grouping mode 'quantil'"):
+        check_options(opt)
+    opt['sampler'] = 'options/samplers/no_such_file.yml'
+    with pytest.raises(ConfigError, match='sampler: path does not exist'):
+        check_options(opt)

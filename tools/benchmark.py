@@ -1,0 +1,180 @@
+"""Speed, measured in one run: PGS vs uniform sampling with the same denoiser, input and seed.
+
+    python tools/benchmark.py                     # CPU: LR 128 -> ×4 -> 64×64 SD-size latent, V = 16
+    python tools/benchmark.py --device cuda --lr-size 512 --model S
+
+The denoiser is a random-init DiT-style patch transformer (concat(y0, x_t), 2×2 tokens, x0 output) of
+the size chosen by ``--model``: timing needs its cost per call, not trained weights. Scenarios:
+
+- ``uniform``: every patch 20 DDIM steps from τ = 1000 (the paper's "unified" sampling, on patches);
+- ``pgs shares a/b/c``: the paper's groups (τ = 400/700/1000, N = 8/14/20) with the given share of
+  patches in each group (grouping mode ``share``), from all-simple to all-hard;
+- ``overhead``: the same runs with an identity denoiser: the cost of patching, grouping, DDIM updates and
+  blending alone.
+
+For each: median wall time over ``--repeats`` (after ``--warmup``), NFE (patch evaluations), both as
+ratios to ``uniform``. PGS's saving is real when the wall ratio tracks the NFE ratio. Writes
+``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the table in the README).
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import platform
+import sys
+from functools import partial
+
+REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from patchscaler.sampling import build_sampler  # noqa: E402
+from patchscaler.utils.timing import measure  # noqa: E402
+
+MODELS = {'tiny': (192, 4, 3), 'S': (384, 12, 6), 'B': (768, 12, 12)}  # width, depth, heads (DiT-S, DiT-B)
+SHARES = ([1.0, 0.0, 0.0], [0.4, 0.3, 0.3], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0])
+
+
+class PatchTransformer(nn.Module):
+    """A DiT-shaped stand-in denoiser: 2×2 patch tokens of concat(y0, x_t), time embedding, pre-norm blocks."""
+
+    def __init__(self, channels=4, patch_size=16, width=192, depth=4, heads=3, token=2):
+        super().__init__()
+        self.token, self.channels = token, channels
+        self.embed = nn.Conv2d(2 * channels, width, token, stride=token)
+        self.pos = nn.Parameter(torch.randn(1, (patch_size // token) ** 2, width) * 0.02)
+        self.time = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation='gelu',
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.out = nn.Linear(width, channels * token * token)
+
+    def forward(self, x_t, t, y0):
+        b, c, h, w = x_t.shape
+        half = 128
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        temb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
+        tokens = self.embed(torch.cat([y0, x_t], 1)).flatten(2).transpose(1, 2) + self.pos
+        tokens = self.blocks(tokens + self.time(temb)[:, None])
+        p, g = self.token, h // self.token
+        out = self.out(tokens).view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, c, h, w)
+
+
+def pgs_scenarios(args):
+    """[(name, sampler options)] sharing one base configuration (options/samplers/pgs_paper.yml)."""
+    import yaml
+    with open(osp.join(REPO, 'options', 'samplers', 'pgs_paper.yml')) as f:
+        base = yaml.safe_load(f)['sampler']
+    base.update(patch_size=args.patch_size, stride=args.patch_size // 2, batch_size=args.batch_size)
+    uniform = dict(base, groups=[{'tau': 1000, 'steps': 20}], grouping=None)
+    out = [('uniform (20 steps, τ=1000)', uniform)]
+    for shares in args.shares:
+        name = 'pgs shares ' + '/'.join(f'{s:g}' for s in shares)
+        out.append((name, dict(base, grouping={'mode': 'share', 'shares': shares})))
+    return out
+
+
+def run(args):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    side = args.lr_size * args.scale // args.ae_factor
+    y0 = torch.randn(1, args.latent_channels, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+    confidence = torch.rand(1, 1, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+    width, depth, heads = MODELS[args.model]
+    net = PatchTransformer(args.latent_channels, args.patch_size, width, depth, heads).to(device).eval()
+    params = sum(p.numel() for p in net.parameters())
+    dtype = torch.bfloat16 if args.bf16 else None
+
+    def denoiser(x_t, t, y0_patch):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return net(x_t, t.float(), y0_patch)
+
+    def identity(x_t, t, y0_patch):
+        return x_t
+
+    rows = []
+    for name, opts in pgs_scenarios(args):
+        sampler = build_sampler(dict(opts, progress=False))
+        timed = measure(partial(sampler.sample, denoiser, y0, confidence, cond=y0), device, args.repeats, args.warmup)
+        bare = measure(partial(sampler.sample, identity, y0, confidence, cond=y0), device, args.repeats, 1)
+        report = timed['result'][1]
+        rows.append({'scenario': name, 'patches_per_group': list(report.patches_per_group),
+                     'nfe': report.nfe_total, 'denoiser_calls': report.denoiser_calls,
+                     'wall_s': timed['median_s'], 'wall_times_s': timed['times_s'],
+                     'overhead_s': bare['median_s'], 'peak_mem_mb': timed['peak_mem_mb']})
+        print(f"{name:32s} NFE {report.nfe_total:6d}  wall {timed['median_s']:.3f} s  "
+              f"(sampler overhead {bare['median_s']:.3f} s)", flush=True)
+    ref = rows[0]
+    for r in rows:
+        r['nfe_ratio'] = r['nfe'] / ref['nfe']
+        r['wall_ratio'] = r['wall_s'] / ref['wall_s']
+    return {
+        'what': 'PGS vs uniform sampling, same denoiser/input/seed, one run',
+        'device': str(device), 'device_name': (torch.cuda.get_device_name(device) if device.type == 'cuda'
+                                               else platform.processor() or platform.machine()),
+        'threads': torch.get_num_threads(), 'torch': torch.__version__,
+        'input': {'lr_size': args.lr_size, 'scale': args.scale, 'latent': list(y0.shape),
+                  'patch_size': args.patch_size,
+                  'patches': rows[0]['patches_per_group'][0]},
+        'denoiser': {'model': args.model, 'params_m': params / 1e6, 'bf16': bool(args.bf16),
+                     'batch_size': args.batch_size},
+        'repeats': args.repeats, 'warmup': args.warmup, 'pgs': rows}
+
+
+def markdown(result):
+    inp, den = result['input'], result['denoiser']
+    lines = [f"PGS vs uniform on {result['device_name']} ({result['device']}, {result['threads']} threads, "
+             f"torch {result['torch']}): LR {inp['lr_size']}² ×{inp['scale']} → latent "
+             f"{'×'.join(map(str, inp['latent'][1:]))}, {inp['patches']} patches of {inp['patch_size']}², "
+             f"denoiser {den['model']} ({den['params_m']:.1f} M params, random init"
+             f"{', bf16' if den['bf16'] else ''}), batch {den['batch_size']}, median of {result['repeats']}.",
+             '',
+             '| scenario | patches simple/medium/hard | NFE | NFE ratio | wall (s) | wall ratio | overhead (s) |',
+             '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+    for r in result['pgs']:
+        groups = '/'.join(map(str, r['patches_per_group'])) if len(r['patches_per_group']) > 1 else \
+            f"{r['patches_per_group'][0]} (one group)"
+        lines.append(f"| {r['scenario']} | {groups} | {r['nfe']} | {r['nfe_ratio']:.2f} | {r['wall_s']:.2f} | "
+                     f"{r['wall_ratio']:.2f} | {r['overhead_s']:.3f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--lr-size', type=int, default=128, help='LR side in pixels (square input)')
+    p.add_argument('--scale', type=int, default=4)
+    p.add_argument('--ae-factor', type=int, default=8, help='autoencoder downscale d (SD VAE: 8)')
+    p.add_argument('--latent-channels', type=int, default=4)
+    p.add_argument('--patch-size', type=int, default=16)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--model', choices=sorted(MODELS), default='tiny')
+    p.add_argument('--bf16', action='store_true', help='bf16 autocast for the denoiser')
+    p.add_argument('--shares', type=lambda s: [float(v) for v in s.split('/')], nargs='+', default=list(SHARES),
+                   help='PGS group shares to time, e.g. 0.4/0.3/0.3')
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--out', default='results/benchmark')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        sys.exit('error: --device cuda but this torch sees no GPU')
+    result = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(osp.join(args.out, 'benchmark.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    table = markdown(result)
+    with open(osp.join(args.out, 'benchmark.md'), 'w') as f:
+        f.write(table)
+    print('\n' + table + f"\nwritten: {osp.join(args.out, 'benchmark.json')}, {osp.join(args.out, 'benchmark.md')}")
+
+
+if __name__ == '__main__':
+    main()
