@@ -5,12 +5,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from patchscaler.sampling import build_sampler, texture_confidence
 from patchscaler.sampling.example_unet import ADAPTIVE_OPTIONS, build_example_unet, run_example
 from patchscaler.utils.errors import ConfigError
-
-from conftest import ROOT
 
 
 class CountingUNet(torch.nn.Module):

@@ -36,8 +36,9 @@ def check_confidence(confidence, latent_shape):
     if c.dim() != 4 or c.shape[1] != 1 or (c.shape[0], *c.shape[2:]) != (b, h, w):
         raise InputError(f'confidence must be (B, 1, h, w) = ({b}, 1, {h}, {w}) to match the latent '
                          f'{tuple(latent_shape)}, got {tuple(confidence.shape)}')
-    if not c.is_floating_point():
-        c = c.float()
+    # graded in float32: the sigmoid's precision; Qmap sums it in float64, so a float32 map that is exactly γ on
+    # a patch has Qmap exactly γ and Eq. 2's boundaries hold to the bit
+    c = c.float()
     if not torch.isfinite(c).all():
         raise InputError(f'confidence holds {int((~torch.isfinite(c)).sum())} NaN/inf values')
     lo, hi = c.min().item(), c.max().item()
@@ -93,11 +94,12 @@ class GroupAssigner:
         if self.num_groups == 1:
             return qmap.new_zeros(b, 0)
         if self.mode == 'threshold':
-            return qmap.new_tensor(self.values).expand(b, -1)
+            return torch.tensor(self.values, dtype=qmap.dtype, device=qmap.device).expand(b, -1)
         if self.mode == 'quantile':
-            return torch.quantile(qmap.double(), qmap.new_tensor(self.values, dtype=torch.float64), dim=1).T.to(qmap)
+            q = torch.tensor(self.values, dtype=torch.float64, device=qmap.device)
+            return torch.quantile(qmap.double(), q, dim=1).T.to(qmap.dtype)
         groups = self._rank_groups(qmap)
-        return torch.stack([torch.where(groups <= g, qmap, qmap.new_tensor(float('inf'))).amin(1)
+        return torch.stack([torch.where(groups <= g, qmap, float('inf')).amin(1)
                             for g in range(self.num_groups - 1)], 1)
 
     def _rank_groups(self, qmap):
@@ -111,7 +113,10 @@ class GroupAssigner:
         return torch.bucketize(rank, bounds.to(qmap.device), right=True)
 
     def assign(self, qmap):
-        """(B, M) Qmap -> (B, M) long group index (0 easiest), and the (B, G-1) thresholds used."""
+        """(B, M) Qmap -> (B, M) long group index (0 easiest), and the (B, G-1) thresholds used.
+
+        Thresholds are compared at Qmap's precision (float32): a patch whose Qmap is float32(γ) — e.g. a map
+        that holds the value 0.8 — is at the threshold γ = 0.8 and goes to the harder group, as Eq. 2 says."""
         if qmap.dim() != 2:
             raise InputError(f'Qmap must be (B, M), got {tuple(qmap.shape)}')
         if self.mode == 'share':

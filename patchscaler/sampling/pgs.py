@@ -8,9 +8,10 @@ y_τ = sqrt(ᾱ_τ)·y0 + sqrt(1 - ᾱ_τ)·ε and takes N_g steps; the denoised
     x0, report = sampler.sample(lambda x_t, t, cond: net(torch.cat([cond, x_t], 1), t), y0, confidence, cond=y0)
     print(report.summary())   # patches per group, NFE, and the uniform-sampling NFE it replaces
 
-Conditioning. ``cond`` is a tensor or a dict of them. A (B, C, h, w) tensor over the latent's (h, w) is
-patchified on the same grid as y0, so patch m of y0 and of cond line up. A :class:`PerPatch` tensor
-(B, M, ...) already holds one entry per patch and is sliced. Anything else is passed through unchanged.
+Conditioning. ``cond`` is a tensor or a dict of them. A tensor must be spatial, (B, C, h, w) over the
+latent's (h, w): it is patchified on the same grid as y0, so patch m of y0 and of cond line up. A
+:class:`PerPatch` tensor (B, M, ...) already holds one entry per patch and is sliced. Values that are not
+tensors (None, numbers, strings) are passed through unchanged.
 ``prepare_cond(cond_batch) -> cond_batch`` runs once per batch of patches before its first step, for
 time-independent conditioning such as the texture prompt: computed once per patch, reused for all steps.
 
@@ -35,7 +36,7 @@ import torch
 from ..registry import SAMPLERS
 from ..utils.errors import ConfigError, InputError
 from .grouping import GroupAssigner, check_confidence
-from .patches import PatchGrid
+from .patches import PatchGrid, blend_window
 from .schedules import build_scheduler, denoise, schedules_aligned, trailing_timesteps
 
 PAPER_GROUPS = ({'tau': 400, 'steps': 8}, {'tau': 700, 'steps': 14}, {'tau': 1000, 'steps': 20})
@@ -150,6 +151,7 @@ class PatchGroupSampler:
         self.batch_size, self.blend, self.blend_sigma = int(batch_size), blend, float(blend_sigma)
         self.seed = int(seed)
         self.uniform_steps = int(uniform_steps or max(n for _, n in self.groups))
+        blend_window(blend, 2, blend_sigma)  # a bad window is an error now, not after all the sampling
         self.devices = [torch.device(d) for d in devices] if devices else None
         if device_groups is not None:
             flat = sorted(g for gs in device_groups for g in gs)
@@ -228,8 +230,9 @@ class PatchGroupSampler:
             return list(denoiser)
         if isinstance(denoiser, torch.nn.Module):
             home = next(denoiser.parameters(), torch.empty(0)).device
-            return [denoiser if torch.device(d) == home or torch.device(d).type == home.type == 'cpu'
-                    else copy.deepcopy(denoiser).to(d) for d in devices]
+            same = [torch.device(d).type == home.type and (torch.device(d).index or 0) == (home.index or 0)
+                    for d in devices]
+            return [denoiser if s else copy.deepcopy(denoiser).to(d) for d, s in zip(devices, same)]
         if len({str(d) for d in devices}) > 1:
             raise ConfigError('group-parallel sampling on several devices needs one denoiser per device '
                               '(a list) or an nn.Module to copy')
@@ -251,9 +254,10 @@ class PatchGroupSampler:
             groups, qmap, thr, grid = self.assign(confidence, y0.shape)
         else:
             grid = PatchGrid.for_shape(y0.shape[-2], y0.shape[-1], self.patch_size, self.stride)
-            if tuple(groups.shape) != (b, grid.num_patches) or groups.min() < 0 or groups.max() >= len(self.groups):
-                raise InputError(f'groups must be (B, M) = ({b}, {grid.num_patches}) with values in '
-                                 f'[0, {len(self.groups) - 1}], got {tuple(groups.shape)}')
+            if groups.is_floating_point() or tuple(groups.shape) != (b, grid.num_patches) or groups.min() < 0 \
+                    or groups.max() >= len(self.groups):
+                raise InputError(f'groups must be an integer (B, M) = ({b}, {grid.num_patches}) tensor with values in '
+                                 f'[0, {len(self.groups) - 1}], got {groups.dtype} {tuple(groups.shape)}')
             qmap, thr = torch.full(groups.shape, float('nan')), torch.zeros(b, 0)
         groups = groups.to(torch.long).cpu()
         seed = self.seed if seed is None else int(seed)
@@ -292,7 +296,7 @@ class PatchGroupSampler:
                 x = denoise(net, y0_p[idx.to(y0_p.device)].to(dev), noise_p[idx.to(y0_p.device)].to(dev), c,
                             self.timesteps[g], self.scheduler, self.prediction_type, self.eta, gen, on_step)
                 out[idx.to(out.device)] = x.to(out.device, out.dtype)
-            stats['seconds'][str(devices[d])] = time.perf_counter() - t0
+            stats['seconds'][f'{d}:{devices[d]}'] = time.perf_counter() - t0
 
         try:
             if len(plan) == 1:

@@ -13,12 +13,14 @@ final step; :func:`schedules_aligned` tells which case a configuration is.
 Start point (Eq. 7). The reverse process of a group starts at its first timestep t_0 = τ - 1 from
 ``y_τ = sqrt(ᾱ)·y0 + sqrt(1 - ᾱ)·ε`` — diffusers' ``add_noise`` — with ε drawn by the caller.
 
-Update rule. ``DDIMScheduler`` and ``DDPMScheduler`` (and any scheduler whose ᾱ table is all we need)
-use :func:`ddim_step` below: deterministic for η = 0, DDPM-like ancestral for η = 1; after the last
-timestep ᾱ_prev = the scheduler's ``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one``), so the last
-step returns the model's x0 estimate. Other diffusers schedulers (DPM-Solver++, Euler, UniPC with custom
-timesteps, LCM, …) plug in unchanged: a fresh copy per batch gets ``set_timesteps(timesteps=...)`` and
-drives ``add_noise`` / ``scale_model_input`` / ``step``; they must accept custom timesteps.
+Update rule. ``DDIMScheduler`` and ``DDPMScheduler`` use :func:`ddim_step` below: deterministic for
+η = 0, DDPM-like ancestral for η = 1; after the last timestep ᾱ_prev = the scheduler's
+``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one``), so the last step returns the model's x0 estimate.
+Other diffusers schedulers (DPM-Solver++, Euler, UniPC with custom timesteps, LCM, …) plug in unchanged: a
+fresh copy per batch gets ``set_timesteps(timesteps=...)`` and drives ``add_noise`` /
+``scale_model_input`` / ``step``; they must accept custom timesteps. A DDIM/DDPM scheduler built from a
+dict gets ``clip_sample: false`` unless the dict says otherwise: diffusers' default clamps the x0 estimate
+to ±1, which suits pixel-space models, not latents.
 """
 import inspect
 
@@ -65,6 +67,8 @@ def build_scheduler(scheduler=None, prediction_type='sample'):
         unknown = set(kwargs) - set(inspect.signature(cls.__init__).parameters)
         if unknown:
             raise ConfigError(f"scheduler {name} has no option(s) {sorted(unknown)}")
+        if name in ALPHA_TABLE_SCHEDULERS:
+            kwargs.setdefault('clip_sample', False)  # diffusers' default clamps x0 to ±1: right for pixels, not latents
         scheduler = cls(**kwargs)
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"prediction_type '{prediction_type}' is not one of {PREDICTION_TYPES}")

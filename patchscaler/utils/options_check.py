@@ -40,10 +40,14 @@ def _check_keys(where, given, known):
 
 def _registry_get(registry, name, where):
     try:
-        return registry.get(name)
+        cls = registry.get(name)  # BasicSR's registries raise KeyError, mmengine's return None
     except KeyError:
-        known = list(registry.keys()) if hasattr(registry, 'keys') else []
-        raise ConfigError(f"{where}: unknown type '{name}'{_suggest(name, known)}") from None
+        cls = None
+    if cls is None:
+        known = registry.module_dict if hasattr(registry, 'module_dict') else (
+            list(registry.keys()) if hasattr(registry, 'keys') else [])
+        raise ConfigError(f"{where}: unknown type '{name}'{_suggest(name, known)}")
+    return cls
 
 
 def build_from_registry(registry, opt, where):
