@@ -12,9 +12,9 @@ the size chosen by ``--model``: timing needs its cost per call, not trained weig
 - ``overhead``: the same runs with an identity denoiser: the cost of patching, grouping, DDIM updates and
   blending alone.
 
-For each: median wall time over ``--repeats`` (after ``--warmup``), NFE (patch evaluations), both as
-ratios to ``uniform``. PGS's saving is real when the wall ratio tracks the NFE ratio. Writes
-``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the table in the README).
+For each: median wall time over ``--repeats`` (after ``--warmup``; scenarios timed round-robin), NFE
+(patch evaluations), both as ratios to ``uniform``. PGS's saving is real when the wall ratio tracks the NFE
+ratio. Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the table in the README).
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from patchscaler.sampling import build_sampler  # noqa: E402
-from patchscaler.utils.timing import measure  # noqa: E402
+from patchscaler.utils.timing import measure_interleaved  # noqa: E402
 
 MODELS = {'tiny': (192, 4, 3), 'S': (384, 12, 6), 'B': (768, 12, 12)}  # width, depth, heads (DiT-S, DiT-B)
 SHARES = ([1.0, 0.0, 0.0], [0.4, 0.3, 0.3], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0])
@@ -96,18 +96,21 @@ def run(args):
     def identity(x_t, t, y0_patch):
         return x_t
 
+    scenarios = [(name, build_sampler(dict(opts, progress=False))) for name, opts in pgs_scenarios(args)]
+    # round-robin over the scenarios, so machine drift does not favour one of them
+    timed = measure_interleaved([partial(s.sample, denoiser, y0, confidence, cond=y0) for _, s in scenarios],
+                                device, args.repeats, args.warmup)
+    bare = measure_interleaved([partial(s.sample, identity, y0, confidence, cond=y0) for _, s in scenarios],
+                               device, args.repeats, 1)
     rows = []
-    for name, opts in pgs_scenarios(args):
-        sampler = build_sampler(dict(opts, progress=False))
-        timed = measure(partial(sampler.sample, denoiser, y0, confidence, cond=y0), device, args.repeats, args.warmup)
-        bare = measure(partial(sampler.sample, identity, y0, confidence, cond=y0), device, args.repeats, 1)
-        report = timed['result'][1]
+    for (name, _), t, o in zip(scenarios, timed, bare):
+        report = t['result'][1]
         rows.append({'scenario': name, 'patches_per_group': list(report.patches_per_group),
                      'nfe': report.nfe_total, 'denoiser_calls': report.denoiser_calls,
-                     'wall_s': timed['median_s'], 'wall_times_s': timed['times_s'],
-                     'overhead_s': bare['median_s'], 'peak_mem_mb': timed['peak_mem_mb']})
-        print(f"{name:32s} NFE {report.nfe_total:6d}  wall {timed['median_s']:.3f} s  "
-              f"(sampler overhead {bare['median_s']:.3f} s)", flush=True)
+                     'wall_s': t['median_s'], 'wall_times_s': t['times_s'],
+                     'overhead_s': o['median_s'], 'peak_mem_mb': t['peak_mem_mb']})
+        print(f"{name:32s} NFE {report.nfe_total:6d}  wall {t['median_s']:.3f} s  "
+              f"(sampler overhead {o['median_s']:.3f} s)", flush=True)
     ref = rows[0]
     for r in rows:
         r['nfe_ratio'] = r['nfe'] / ref['nfe']

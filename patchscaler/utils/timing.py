@@ -33,3 +33,23 @@ def measure(fn, device='cpu', repeats=3, warmup=1):
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
     return {'median_s': statistics.median(times), 'min_s': min(times), 'times_s': times, 'peak_mem_mb': peak,
             'result': result}
+
+
+def measure_interleaved(fns, device='cpu', repeats=3, warmup=1):
+    """Time several ``fn()`` round-robin (A B C A B C …) so that drift of the machine (clock boost, caches,
+    the allocator growing) spreads over all of them instead of favouring whichever runs last; returns one
+    :func:`measure`-style dict per function."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    runs = [[] for _ in fns]
+    for _ in range(max(1, repeats)):
+        for i, fn in enumerate(fns):
+            runs[i].append(measure(fn, device, repeats=1, warmup=0))
+    out = []
+    for rs in runs:
+        times = [r['times_s'][0] for r in rs]
+        peaks = [r['peak_mem_mb'] for r in rs if r['peak_mem_mb'] is not None]
+        out.append({'median_s': statistics.median(times), 'min_s': min(times), 'times_s': times,
+                    'peak_mem_mb': max(peaks) if peaks else None, 'result': rs[-1]['result']})
+    return out
