@@ -117,7 +117,7 @@ def test_quantile_mode_is_per_image():
     qmap = torch.stack([torch.linspace(0, 1, 11), torch.linspace(0, 0.1, 11)])
     groups, thr = GroupAssigner(2, mode='quantile', quantiles=[0.5]).assign(qmap)
     torch.testing.assert_close(thr, torch.tensor([[0.5], [0.05]]))
-    assert groups.tolist() == [[1] * 6 + [0] * 5] * 2
+    assert groups.tolist() == [[1] * 5 + [0] * 6] * 2  # at the median exactly: the easier group
 
 
 def expected_share_counts(shares, m):
@@ -224,3 +224,10 @@ def test_assign_groups_module_function_matches_the_parts():
     assert set(groups.unique().tolist()) == {0, 1, 2}
     with pytest.raises(InputError):
         assign_groups(c * 2, 8, 4)
+
+
+@pytest.mark.parametrize('value', [1.0, 0.99, 0.3])
+def test_quantile_mode_puts_a_constant_map_in_the_easiest_group(value):
+    """Ties at the quantile threshold go to the easier group: a saturated confidence must not cost the most."""
+    groups, _ = GroupAssigner(3, mode='quantile', quantiles=[0.6, 0.3]).assign(torch.full((1, 49), value))
+    assert (groups == 0).all()

@@ -550,7 +550,7 @@ def test_build_sampler_unknown_type_is_a_config_error():
 # ---------------------------------------------------------------- 7. pluggable diffusers schedulers
 def _scheduler_instance():
     from diffusers import DPMSolverMultistepScheduler
-    return DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type='sample')
 
 
 @pytest.mark.parametrize('scheduler', [
@@ -638,3 +638,52 @@ def test_float_group_override_is_an_input_error():
     sampler = PatchGroupSampler(patch_size=V, stride=STRIDE)
     with pytest.raises(InputError, match='integer'):
         sampler.sample(lambda x, t, c: x, y0, groups=torch.zeros(1, 1))
+
+
+def test_prediction_type_comes_from_the_scheduler_and_a_contradiction_is_an_error():
+    from diffusers import DDIMScheduler
+    eps = DDIMScheduler(num_train_timesteps=1000, prediction_type='epsilon', clip_sample=False)
+    assert PatchGroupSampler(patch_size=V, stride=STRIDE, scheduler=eps).prediction_type == 'epsilon'
+    assert PatchGroupSampler(patch_size=V, stride=STRIDE).prediction_type == 'sample'  # Patch-DiT's default
+    with pytest.raises(ConfigError, match='contradicts'):
+        PatchGroupSampler(patch_size=V, stride=STRIDE, scheduler=eps, prediction_type='sample')
+
+
+def test_nfe_counts_every_call_of_a_two_call_per_step_scheduler():
+    x0, y0 = latents()
+    sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, scheduler=dict(type='HeunDiscreteScheduler'))
+    assert sampler.calls == [2 * 8 - 1, 2 * 14 - 1, 2 * 20 - 1]  # Heun: two evaluations per step but the last
+    den = CountingDenoiser(lambda x_t, t, c: c)
+    _, report = sampler.sample(den, y0, mixed_confidence(), cond=x0)
+    assert den.nfe == report.nfe_total == sum(n * c for n, c in zip(report.patches_per_group, sampler.calls))
+    assert report.nfe_uniform == 39 * report.num_patches
+
+
+def test_stochastic_diffusers_scheduler_is_seeded():
+    x0, y0 = latents()
+    sde = dict(type='DPMSolverMultistepScheduler', algorithm_type='sde-dpmsolver++', prediction_type='sample')
+    sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, scheduler=sde)
+    den = pixel_denoiser
+    a, _ = sampler.sample(den, y0, mixed_confidence(), cond=y0, seed=1)
+    b, _ = sampler.sample(den, y0, mixed_confidence(), cond=y0, seed=1)
+    c, _ = sampler.sample(den, y0, mixed_confidence(), cond=y0, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eta_is_refused_for_schedulers_with_their_own_update():
+    with pytest.raises(ConfigError, match='eta'):
+        PatchGroupSampler(scheduler=dict(type='DPMSolverMultistepScheduler'), eta=0.5)
+
+
+@pytest.mark.parametrize('devices', [None, ['cpu', 'cpu']])
+def test_denoiser_sees_the_callers_grad_mode_and_autocast_in_every_thread(devices):
+    x0, y0 = latents()
+    seen = []
+
+    def den(x_t, t, c):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled('cpu'), x_t.requires_grad))
+        return c
+    sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, devices=devices)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        sampler.sample(den, y0, mixed_confidence(), cond=x0)
+    assert seen and all(s == (False, True, False) for s in seen)

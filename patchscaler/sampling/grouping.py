@@ -12,6 +12,8 @@ so a patch exactly at a threshold goes to the harder group. Three ways to get th
   by Eq. 1.
 - ``quantile``: γ_g = the q_g-quantile of each image's Qmap (q descending, e.g. [0.6, 0.3] puts about
   the top 40 % of patches in the simple group). For another model's confidence, whose scale is unknown.
+  Here a patch *at* a threshold goes to the easier group (Qmap < γ is needed to be harder): ties at the
+  top — a saturated confidence, flat regions — would otherwise all land in the hardest group.
 - ``share``: a target share of patches per group, easiest first (e.g. [0.4, 0.3, 0.3]); patches are
   ranked by Qmap and cut at exact counts (ties broken by patch index, so the result is deterministic).
   Counts are rounded so they sum to the number of patches.
@@ -37,7 +39,8 @@ def check_confidence(confidence, latent_shape):
         raise InputError(f'confidence must be (B, 1, h, w) = ({b}, 1, {h}, {w}) to match the latent '
                          f'{tuple(latent_shape)}, got {tuple(confidence.shape)}')
     # graded in float32: the sigmoid's precision; Qmap sums it in float64, so a float32 map that is exactly γ on
-    # a patch has Qmap exactly γ and Eq. 2's boundaries hold to the bit
+    # a patch has Qmap exactly γ and Eq. 2's boundaries hold to the bit (a float64 map within float32 rounding
+    # of γ counts as γ)
     c = c.float()
     if not torch.isfinite(c).all():
         raise InputError(f'confidence holds {int((~torch.isfinite(c)).sum())} NaN/inf values')
@@ -123,7 +126,8 @@ class GroupAssigner:
             return self._rank_groups(qmap), self.thresholds_for(qmap)
         thr = self.thresholds_for(qmap)
         # group = how many thresholds the patch does not exceed: q > γ1 -> 0, γ2 < q <= γ1 -> 1, q <= γ2 -> 2
-        groups = (qmap.unsqueeze(-1) <= thr.unsqueeze(1)).sum(-1)
+        harder = torch.lt if self.mode == 'quantile' else torch.le
+        groups = harder(qmap.unsqueeze(-1), thr.unsqueeze(1)).sum(-1)
         return groups, thr
 
 

@@ -18,14 +18,17 @@ time-independent conditioning such as the texture prompt: computed once per patc
 Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then
 patchified, so overlapping patches see the same noise at the same pixel, the result does not depend on
 the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. Stochastic
-steps (η > 0) draw from a generator seeded by (seed, group, first patch of the batch).
+steps (η > 0, or a stochastic diffusers scheduler) draw from a generator seeded by (seed, group, first
+patch of the batch): seeded, but dependent on the batch size.
 
 Devices. ``devices=['cuda:0', 'cuda:1']`` runs groups concurrently, one thread per device (the paper puts
 the hard group on one GPU and the others on a second, +33.7 %). Groups go to devices by
 ``device_groups`` or, by default, longest-processing-time first on the groups' NFE. The result equals the
-sequential run. ``denoiser`` may be a list with one denoiser per device; an ``nn.Module`` is copied to
-each other device on every call (pass a list to avoid that copy).
+sequential run (worker threads inherit the caller's grad mode and autocast). ``denoiser`` may be a list
+with one denoiser per device; an ``nn.Module`` is copied to each other device on every call (pass a list
+to avoid that copy). Without ``devices``, everything runs where y0 is.
 """
+import contextlib
 import copy
 import threading
 import time
@@ -37,7 +40,14 @@ from ..registry import SAMPLERS
 from ..utils.errors import ConfigError, InputError
 from .grouping import GroupAssigner, check_confidence
 from .patches import PatchGrid, blend_window
-from .schedules import build_scheduler, denoise, schedules_aligned, trailing_timesteps
+from .schedules import (
+    ALPHA_TABLE_SCHEDULERS,
+    build_scheduler,
+    calls_per_patch,
+    denoise,
+    schedules_aligned,
+    trailing_timesteps,
+)
 
 PAPER_GROUPS = ({'tau': 400, 'steps': 8}, {'tau': 700, 'steps': 14}, {'tau': 1000, 'steps': 20})
 GROUP_NAMES = {1: ('all',), 2: ('simple', 'hard'), 3: ('simple', 'medium', 'hard')}
@@ -125,7 +135,8 @@ class PatchGroupSampler:
             :mod:`patchscaler.sampling.grouping`. Default: Eq. 2 with the paper's thresholds.
         scheduler (dict | diffusers scheduler): its ᾱ table (DDIM update) or its own update, see
             :mod:`patchscaler.sampling.schedules`. Default: DDIM, DiT's linear betas, T = 1000.
-        prediction_type (str): what the denoiser predicts: 'sample' (x0, Patch-DiT), 'epsilon', 'v_prediction'.
+        prediction_type (str): what the denoiser predicts: 'sample' (x0, Patch-DiT), 'epsilon', 'v_prediction';
+            default: the scheduler's own if it names one, else 'sample'.
         eta (float): DDIM η (0 = deterministic). batch_size (int): patches per denoiser call.
         blend (str), blend_sigma (float): patch blending window, see :mod:`patchscaler.sampling.patches`.
         seed (int): seed of ε. uniform_steps (int): the uniform sampler the report compares with
@@ -135,12 +146,16 @@ class PatchGroupSampler:
     """
 
     def __init__(self, patch_size=16, stride=None, groups=PAPER_GROUPS, grouping=None, scheduler=None,
-                 prediction_type='sample', eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
+                 prediction_type=None, eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
                  uniform_steps=None, devices=None, device_groups=None, progress=False):
         self.groups = _parse_groups(groups)
-        self.scheduler = build_scheduler(scheduler, prediction_type)
+        self.scheduler, prediction_type = build_scheduler(scheduler, prediction_type)
         t_max = int(self.scheduler.config.num_train_timesteps)
         self.timesteps = [trailing_timesteps(tau, n, t_max) for tau, n in self.groups]
+        self.calls = [calls_per_patch(self.scheduler, ts) for ts in self.timesteps]  # NFE per patch, per group
+        if eta and type(self.scheduler).__name__ not in ALPHA_TABLE_SCHEDULERS:
+            raise ConfigError(f'eta applies to the DDIM update; {type(self.scheduler).__name__} has its own '
+                              f'stochasticity options')
         grouping = dict(grouping or {})
         self.assigner = GroupAssigner(len(self.groups), **grouping)
         PatchGrid.for_shape(1, 1, patch_size, stride)  # validates V and stride now, not at the first call
@@ -150,7 +165,7 @@ class PatchGroupSampler:
             raise ConfigError(f'batch_size must be >= 1, got {batch_size}')
         self.batch_size, self.blend, self.blend_sigma = int(batch_size), blend, float(blend_sigma)
         self.seed = int(seed)
-        self.uniform_steps = int(uniform_steps or max(n for _, n in self.groups))
+        self.uniform_steps = int(uniform_steps or max(self.calls))
         blend_window(blend, 2, blend_sigma)  # a bad window is an error now, not after all the sampling
         self.devices = [torch.device(d) for d in devices] if devices else None
         if device_groups is not None:
@@ -207,15 +222,14 @@ class PatchGroupSampler:
 
     def nfe(self, groups):
         """(NFE of PGS, NFE of uniform sampling) for a (B, M) group map: patch evaluations, exact."""
-        steps = torch.tensor([n for _, n in self.groups])
-        return int(steps[groups.long().cpu()].sum()), groups.numel() * self.uniform_steps
+        return int(torch.tensor(self.calls)[groups.long().cpu()].sum()), groups.numel() * self.uniform_steps
 
     # ---------------------------------------------------------------- sampling
     def _plan(self, groups_flat):
         """[(device index, group, patch indices)] batches, and the per-device group lists."""
         n_dev = len(self.devices) if self.devices else 1
         counts = [int((groups_flat == g).sum()) for g in range(len(self.groups))]
-        buckets = self.device_groups or _lpt([c * n for c, (_, n) in zip(counts, self.groups)], n_dev)
+        buckets = self.device_groups or _lpt([c * n for c, n in zip(counts, self.calls)], n_dev)
         plan = [[] for _ in range(n_dev)]
         for d, gs in enumerate(buckets):
             for g in sorted(gs, reverse=True):
@@ -228,7 +242,7 @@ class PatchGroupSampler:
             if len(denoiser) != len(devices):
                 raise ConfigError(f'{len(denoiser)} denoisers given for {len(devices)} devices')
             return list(denoiser)
-        if isinstance(denoiser, torch.nn.Module):
+        if isinstance(denoiser, torch.nn.Module) and self.devices:
             home = next(denoiser.parameters(), torch.empty(0)).device
             same = [torch.device(d).type == home.type and (torch.device(d).index or 0) == (home.index or 0)
                     for d in devices]
@@ -261,16 +275,19 @@ class PatchGroupSampler:
             qmap, thr = torch.full(groups.shape, float('nan')), torch.zeros(b, 0)
         groups = groups.to(torch.long).cpu()
         seed = self.seed if seed is None else int(seed)
-        noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        # drawn over the padded size: a latent smaller than V gets i.i.d. noise in its padding, not a reflection
+        hp, wp = grid.padded_size
+        noise = torch.randn(b, y0.shape[1], hp, wp, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         y0_p = grid.patchify(y0).flatten(0, 1)
-        noise_p = grid.patchify(noise.to(y0.device, y0.dtype)).flatten(0, 1)
+        noise_p = PatchGrid.for_shape(hp, wp, grid.patch_size, grid.stride).patchify(
+            noise.to(y0.device, y0.dtype)).flatten(0, 1)
         cond_at = self._split_cond(cond, grid, b)
         out = torch.empty_like(y0_p)
         groups_flat = groups.flatten()
         plan, counts = self._plan(groups_flat)
         devices = self.devices or [y0.device]
         nets = self._denoisers(denoiser, devices)
-        calls = sum(-(-c // self.batch_size) * n for c, (_, n) in zip(counts, self.groups))
+        calls = sum(-(-c // self.batch_size) * n for c, n in zip(counts, self.calls))
         stats = {'calls': 0, 'cond': 0, 'seconds': {}}
         lock = threading.Lock()
         bar = None
@@ -284,15 +301,27 @@ class PatchGroupSampler:
                 if bar is not None:
                     bar.update(1)
 
+        # grad mode and autocast are thread-local: worker threads get the caller's, so a threaded run computes
+        # exactly what the sequential one does (and builds no autograd graph)
+        grad = torch.is_grad_enabled()
+        autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in {d.type for d in devices}}
+
         def run_device(d):
-            t0, dev, net = time.perf_counter(), torch.device(devices[d]), nets[d]
+            dev = torch.device(devices[d])
+            on, dtype = autocast[dev.type]
+            with torch.set_grad_enabled(grad), torch.autocast(dev.type, dtype=dtype, enabled=on), \
+                    (torch.cuda.device(dev) if dev.type == 'cuda' else contextlib.nullcontext()):
+                run_batches(d, dev)
+
+        def run_batches(d, dev):
+            t0, net = time.perf_counter(), nets[d]
             for g, idx in plan[d]:
                 c = cond_at(idx, dev)
                 if prepare_cond is not None:
                     c = prepare_cond(c)
                     with lock:
                         stats['cond'] += 1
-                gen = torch.Generator().manual_seed(hash((seed, g, int(idx[0]))) % 2 ** 63) if self.eta else None
+                gen = torch.Generator().manual_seed(hash((seed, g, int(idx[0]))) % 2 ** 63)
                 x = denoise(net, y0_p[idx.to(y0_p.device)].to(dev), noise_p[idx.to(y0_p.device)].to(dev), c,
                             self.timesteps[g], self.scheduler, self.prediction_type, self.eta, gen, on_step)
                 out[idx.to(out.device)] = x.to(out.device, out.dtype)
@@ -300,18 +329,18 @@ class PatchGroupSampler:
 
         try:
             if len(plan) == 1:
-                run_device(0)
+                run_batches(0, torch.device(devices[0]))
             else:
                 self._run_threads(run_device, len(plan))
         finally:
             if bar is not None:
                 bar.close()
         x0 = grid.blend(out.view(b, grid.num_patches, *out.shape[1:]), self.blend, self.blend_sigma)
-        nfe_per_patch = torch.tensor([n for _, n in self.groups])[groups]
+        nfe_per_patch = torch.tensor(self.calls)[groups]
         nfe_total, nfe_uniform = self.nfe(groups)
         report = PGSReport(
             group_names=self.group_names, taus=tuple(t for t, _ in self.groups),
-            steps=tuple(n for _, n in self.groups), timesteps=tuple(tuple(ts) for ts in self.timesteps),
+            steps=tuple(self.calls), timesteps=tuple(tuple(ts) for ts in self.timesteps),
             aligned=schedules_aligned(self.timesteps), patches_per_group=tuple(counts),
             nfe_per_patch=nfe_per_patch, nfe_total=nfe_total, nfe_uniform=nfe_uniform, uniform_steps=self.uniform_steps,
             denoiser_calls=stats['calls'], cond_calls=stats['cond'], qmap=qmap.cpu(), groups=groups,

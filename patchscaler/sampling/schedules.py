@@ -16,7 +16,8 @@ Start point (Eq. 7). The reverse process of a group starts at its first timestep
 Update rule. ``DDIMScheduler`` and ``DDPMScheduler`` use :func:`ddim_step` below: deterministic for
 η = 0, DDPM-like ancestral for η = 1; after the last timestep ᾱ_prev = the scheduler's
 ``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one``), so the last step returns the model's x0 estimate.
-Other diffusers schedulers (DPM-Solver++, Euler, UniPC with custom timesteps, LCM, …) plug in unchanged: a
+Other diffusers schedulers (DPM-Solver++, Euler, Heun, LCM, … — those whose ``set_timesteps`` takes
+custom timesteps) plug in unchanged: a
 fresh copy per batch gets ``set_timesteps(timesteps=...)`` and drives ``add_noise`` /
 ``scale_model_input`` / ``step``; they must accept custom timesteps. A DDIM/DDPM scheduler built from a
 dict gets ``clip_sample: false`` unless the dict says otherwise: diffusers' default clamps the x0 estimate
@@ -53,8 +54,13 @@ def schedules_aligned(timesteps_per_group):
     return all(ts == longest[len(longest) - len(ts):] for ts in timesteps_per_group)
 
 
-def build_scheduler(scheduler=None, prediction_type='sample'):
-    """A diffusers scheduler from an instance or a config dict ``{type: DDIMScheduler, ...}``."""
+def build_scheduler(scheduler=None, prediction_type=None):
+    """(diffusers scheduler, prediction type) from an instance or a config dict ``{type: DDIMScheduler, ...}``.
+
+    The prediction type is the sampler's ``prediction_type`` if given, else the scheduler's own (an instance,
+    or a dict that names one), else 'sample' (x0, what Patch-DiT predicts). Given in both places and
+    different, it is a ConfigError: a silently wrong parameterisation samples garbage.
+    """
     import diffusers
     if scheduler is None:
         scheduler = dict(DEFAULT_SCHEDULER)
@@ -62,16 +68,26 @@ def build_scheduler(scheduler=None, prediction_type='sample'):
         kwargs = dict(scheduler)
         name = kwargs.pop('type', 'DDIMScheduler')
         cls = getattr(diffusers, str(name), None)
-        if cls is None or not hasattr(cls, 'alphas_cumprod') and not hasattr(cls, 'set_timesteps'):
+        if cls is None or not hasattr(cls, 'set_timesteps'):
             raise ConfigError(f"scheduler type '{name}' is not a diffusers scheduler")
         unknown = set(kwargs) - set(inspect.signature(cls.__init__).parameters)
         if unknown:
             raise ConfigError(f"scheduler {name} has no option(s) {sorted(unknown)}")
         if name in ALPHA_TABLE_SCHEDULERS:
             kwargs.setdefault('clip_sample', False)  # diffusers' default clamps x0 to ±1: right for pixels, not latents
+        own = kwargs.get('prediction_type')
         scheduler = cls(**kwargs)
+    else:
+        own = scheduler.config.get('prediction_type')
+    if prediction_type is not None and own is not None and own != prediction_type:
+        raise ConfigError(f"prediction_type '{prediction_type}' of the sampler contradicts the scheduler's "
+                          f"'{own}'; give it in one place")
+    prediction_type = prediction_type or own or 'sample'
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"prediction_type '{prediction_type}' is not one of {PREDICTION_TYPES}")
+    if scheduler.config.get('thresholding'):
+        raise ConfigError('dynamic thresholding is for pixel-space models; PGS runs on latents: set thresholding '
+                          'false')
     if type(scheduler).__name__ not in ALPHA_TABLE_SCHEDULERS:
         params = inspect.signature(scheduler.set_timesteps).parameters
         if 'timesteps' not in params:
@@ -79,10 +95,17 @@ def build_scheduler(scheduler=None, prediction_type='sample'):
                               f'run per-group schedules; use DDIMScheduler or e.g. DPMSolverMultistepScheduler')
         if scheduler.config.get('prediction_type') != prediction_type:
             scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
-    elif scheduler.config.get('thresholding'):
-        raise ConfigError('dynamic thresholding is for pixel-space models; PGS runs on latents: set thresholding '
-                          'false')
-    return scheduler
+    return scheduler, prediction_type
+
+
+def calls_per_patch(scheduler, timesteps):
+    """Denoiser calls one patch costs on ``timesteps``: one per step for DDIM; for other schedulers, as many
+    as their own timestep list after ``set_timesteps`` (Heun: 2N - 1)."""
+    if type(scheduler).__name__ in ALPHA_TABLE_SCHEDULERS:
+        return len(timesteps)
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(timesteps=list(timesteps))
+    return len(probe.timesteps)
 
 
 def alpha_bar(scheduler, t):
