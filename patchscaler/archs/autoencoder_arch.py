@@ -21,16 +21,13 @@ from torch import nn
 
 from patchscaler.registry import AUTOENCODERS
 from patchscaler.utils.errors import ConfigError, MissingWeightsError
+from patchscaler.utils.padding import pad_bottom_right
 
 
 def pad_to_multiple(x, multiple):
     """Reflect-pad (B, C, H, W) on the bottom/right to multiples of ``multiple``; returns (x, (H, W))."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = 'reflect' if ph < h and pw < w else 'replicate'  # reflect needs pad < size
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, (h, w)
+    return pad_bottom_right(x, (-h) % multiple, (-w) % multiple), (h, w)
 
 
 class FrozenAutoencoder(nn.Module):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import ConfigError, InputError
+from ..utils.padding import pad_bottom_right
 
 BLEND_WINDOWS = ('gaussian', 'linear', 'uniform')
 
@@ -102,11 +103,7 @@ class PatchGrid:
         return rows, cols
 
     def _pad(self, x):
-        ph, pw = self.padded_size[0] - self.height, self.padded_size[1] - self.width
-        if not ph and not pw:
-            return x
-        mode = 'reflect' if ph < self.height and pw < self.width else 'replicate'
-        return F.pad(x, (0, pw, 0, ph), mode=mode)
+        return pad_bottom_right(x, self.padded_size[0] - self.height, self.padded_size[1] - self.width)
 
     def check(self, x, name='latent'):
         if x.dim() != 4 or tuple(x.shape[-2:]) != (self.height, self.width):
