@@ -60,8 +60,8 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, exc):
     old_bytes = path.read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
-        f.write(b'PK\x03\x04 partial checkpoint bytes')
-        f.flush()
+        with open(f, 'wb') as fh:
+            fh.write(b'PK\x03\x04 partial checkpoint bytes')
         raise exc
 
     monkeypatch.setattr(checkpoint.torch, 'save', broken_save)
@@ -75,7 +75,8 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, exc):
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     def broken_save(obj, f, *args, **kwargs):
-        f.write(b'partial')
+        with open(f, 'wb') as fh:
+            fh.write(b'partial')
         raise OSError('no space left on device')
 
     monkeypatch.setattr(checkpoint.torch, 'save', broken_save)

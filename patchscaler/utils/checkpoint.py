@@ -10,25 +10,30 @@ import torch
 from .errors import CheckpointError
 
 
-def atomic_save(obj, path):
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path, write):
+    """``write(tmp)`` to a temporary file in the same folder as ``path``, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the old complete file or the new complete file, never a truncated
-    one; the temporary name does not end in ``.pth``/``.state``, so resume never picks it up.
+    one; the temporary name (``.<name>.<random>.tmp``) never matches what a loader looks for.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """``torch.save`` through :func:`atomic_write`: resume never picks up a half-written checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 @contextlib.contextmanager

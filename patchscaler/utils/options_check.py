@@ -32,7 +32,7 @@ def _suggest(key, known):
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
-def _check_keys(where, given, known):
+def check_keys(where, given, known):
     for key in given:
         if key not in known:
             raise ConfigError(f"unknown option '{where}{key}'{_suggest(key, known)}")
@@ -65,19 +65,19 @@ def check_signature(cls, kwargs, where):
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
     known = {k for k in params if k != 'self'}
-    _check_keys(f'{where}.', kwargs, known)
+    check_keys(f'{where}.', kwargs, known)
     missing = [k for k, p in params.items()
                if k != 'self' and p.default is p.empty and p.kind == p.POSITIONAL_OR_KEYWORD and k not in kwargs]
     if missing:
         raise ConfigError(f'{where} ({cls.__name__}) is missing required option(s) {missing}')
 
 
-def _check_path(where, path):
+def check_path(where, path):
     if path is None:
         return
     if isinstance(path, (list, tuple)):
         for p in path:
-            _check_path(where, p)
+            check_path(where, p)
         return
     if not os.path.exists(os.path.expanduser(str(path))):
         raise ConfigError(f"{where}: path does not exist: {path}")
@@ -91,9 +91,9 @@ def _check_dataset(phase, ds):
     cls = _registry_get(DATASET_REGISTRY, ds['type'], where)
     known = getattr(cls, 'OPTION_KEYS', None)
     if known is not None:
-        _check_keys(f'{where}.', ds, known)
+        check_keys(f'{where}.', ds, known)
     for key in ('dataroot_gt', 'dataroot_lq', 'meta_info'):
-        _check_path(f'{where}.{key}', ds.get(key))
+        check_path(f'{where}.{key}', ds.get(key))
 
 
 def _check_num_gpu(num_gpu):
@@ -146,19 +146,19 @@ def check_options(opt):
         if opt.get(section) is not None and not isinstance(opt[section], dict):
             raise ConfigError(f"'{section}' must be a mapping")
         if known is not None and opt.get(section):
-            _check_keys(f'{section}.', opt[section], known)
+            check_keys(f'{section}.', opt[section], known)
     for key in opt['path'] or {}:
         if key not in PATH_KEYS and not key.startswith(PATH_PREFIXES):
             raise ConfigError(f"unknown option 'path.{key}'{_suggest(key, PATH_KEYS)}")
         if key.startswith('pretrain_network_') or key == 'resume_state':
-            _check_path(f'path.{key}', opt['path'][key])
+            check_path(f'path.{key}', opt['path'][key])
     for key in getattr(model_cls, 'REQUIRED_OPTION_KEYS', ()):
         if key not in opt:
             raise ConfigError(f"{opt['model_type']} needs the option '{key}'")
     _check_num_gpu(opt.get('num_gpu', 'auto'))
     train_keys = getattr(model_cls, 'TRAIN_OPTION_KEYS', None)
     if train_keys is not None and opt.get('train'):
-        _check_keys('train.', opt['train'], train_keys)
+        check_keys('train.', opt['train'], train_keys)
     _check_train_section(opt.get('train') or {})
     _check_metrics((opt.get('val') or {}).get('metrics') or {})
     for key, net in opt.items():
@@ -174,7 +174,7 @@ def check_options(opt):
     if opt.get('sampler'):
         from patchscaler.sampling import build_sampler
         if isinstance(opt['sampler'], str):
-            _check_path('sampler', opt['sampler'])
+            check_path('sampler', opt['sampler'])
         build_sampler(opt['sampler'])
     if not isinstance(opt['datasets'], dict) or not opt['datasets']:
         raise ConfigError("'datasets' must map phases (train, val, test_1, ...) to dataset options")

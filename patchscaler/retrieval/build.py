@@ -1,0 +1,105 @@
+"""Build an RTM from an option file (what ``tools/build_rtm.py`` runs): images -> candidates -> keys -> FPS ->
+``<output>.safetensors`` + ``.json`` + ``_preview.png``. See ``options/build_rtm.yml`` for every option."""
+import os
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from patchscaler.registry import AUTOENCODERS
+from patchscaler.utils.errors import ConfigError
+from patchscaler.utils.options_check import build_from_registry, check_keys
+
+from .candidates import collect_candidates
+from .memory import ReferenceTextureMemory, rtm_path
+from .preview import rtm_preview
+
+OPTION_KEYS = {'name', 'autoencoder', 'patch_size', 'sources', 'candidates', 'texture_classifier', 'size', 'fps',
+               'top_k', 'output', 'device', 'preview'}
+REQUIRED = ('autoencoder', 'patch_size', 'sources', 'size', 'output')
+CANDIDATE_KEYS = {'num', 'mode', 'min_std', 'context', 'seed', 'batch_size'}
+FPS_KEYS = {'space', 'value_weight', 'seed'}
+PREVIEW_KEYS = {'queries', 'count', 'columns', 'tile'}
+
+
+def _section(opt, name, known):
+    value = opt.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{name}' must be a mapping")
+    check_keys(f'{name}.', value, known)
+    return value
+
+
+def check_rtm_options(opt):
+    """One-line ConfigErrors for unknown, missing or mistyped keys, before any work starts."""
+    if not isinstance(opt, dict):
+        raise ConfigError('an RTM option file must be a YAML mapping')
+    check_keys('', opt, OPTION_KEYS)
+    for key in REQUIRED:
+        if opt.get(key) is None:
+            raise ConfigError(f"RTM options are missing the required key '{key}'")
+    for key in ('patch_size', 'size'):
+        if not isinstance(opt[key], int) or opt[key] < 1:
+            raise ConfigError(f'{key} must be a positive integer, got {opt[key]!r}')
+    for name, known in (('candidates', CANDIDATE_KEYS), ('fps', FPS_KEYS), ('preview', PREVIEW_KEYS)):
+        _section(opt, name, known)  # preview: false turns the picture off
+
+
+def resolve_device(device):
+    if device in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'device {device} asked for but this torch sees no GPU')
+    return device
+
+
+def build_rtm_from_options(opt, device=None, output=None, progress=True, log=print):
+    """Run the whole build; returns (rtm, path of the .safetensors, CandidateReport)."""
+    check_rtm_options(opt)
+    device = resolve_device(device or opt.get('device'))
+    output = rtm_path(output or opt['output'])
+    start = time.perf_counter()
+    autoencoder = build_from_registry(AUTOENCODERS, opt['autoencoder'], 'autoencoder').to(device)
+    cand = _section(opt, 'candidates', CANDIDATE_KEYS)
+    values, origins, report = collect_candidates(
+        opt['sources'], autoencoder, opt['patch_size'], num=cand.get('num', 20000), mode=cand.get('mode', 'random'),
+        min_std=cand.get('min_std', 0.04), context=cand.get('context', 4), seed=cand.get('seed', 0),
+        batch_size=cand.get('batch_size', 16), device=device, progress=progress)
+    log(report.summary())
+    for name, reason in report.skipped:
+        log(f'  skipped {name}: {reason}')
+    fps = _section(opt, 'fps', FPS_KEYS)
+    rtm = ReferenceTextureMemory.build(
+        values.to(device), opt.get('texture_classifier'), opt['size'], fps=fps.get('space', 'both'),
+        value_weight=fps.get('value_weight', 1.0), seed=fps.get('seed', 0), autoencoder=autoencoder,
+        sources=[s if isinstance(s, str) else s.get('root') for s in _as_list(opt['sources'])],
+        progress=progress, top_k=opt.get('top_k', 4))
+    rtm.meta.update(name=opt.get('name', os.path.splitext(os.path.basename(output))[0]),
+                    skipped_images=[list(s) for s in report.skipped],
+                    build_seconds=round(time.perf_counter() - start, 2), device=str(device))
+    rtm.save(output)
+    log(f'RTM: {len(rtm)} of {report.candidates} candidates kept by FPS ({rtm.meta["fps"]["space"]}), '
+        f'keys {rtm.keys.shape[1]}-d, {time.perf_counter() - start:.1f} s -> {output}')
+    if opt.get('preview', {}) is not False:
+        path = _write_preview(rtm, autoencoder, values, opt.get('preview') or {}, output)
+        log(f'preview: {path}')
+    return rtm, output, report
+
+
+def _as_list(x):
+    return x if isinstance(x, (list, tuple)) else [x]
+
+
+def _write_preview(rtm, autoencoder, candidates, opt, output):
+    """Queries are candidates FPS did not keep (seeded pick), so the picture shows real retrieval."""
+    rest = np.setdiff1d(np.arange(len(candidates)), rtm.source_indices.cpu().numpy())
+    pool = rest if len(rest) else np.arange(len(candidates))
+    picks = np.random.default_rng(0).choice(pool, size=min(int(opt.get('queries', 6)), len(pool)), replace=False)
+    img = rtm_preview(rtm, autoencoder, candidates[torch.from_numpy(np.sort(picks))].to(rtm.values.device),
+                      count=opt.get('count', 48), columns=opt.get('columns', 12), tile=opt.get('tile', 64))
+    path = output[:-len('.safetensors')] + '_preview.png'
+    if not cv2.imwrite(path, img):
+        raise OSError(f'could not write {path}')
+    return path
