@@ -74,7 +74,8 @@ def covering_radius(points, selected, chunk_size=4096):
     centres = x[selected]
     worst = x.new_zeros(())
     for i in range(0, x.shape[0], chunk_size):
-        worst = torch.maximum(worst, torch.cdist(x[i:i + chunk_size], centres).min(1).values.max())
+        dist = torch.cdist(x[i:i + chunk_size], centres, compute_mode='donot_use_mm_for_euclid_dist')
+        worst = torch.maximum(worst, dist.min(1).values.max())
     return float(worst)
 
 
