@@ -134,3 +134,22 @@ def test_torchrun_two_cpu_processes(workdir):
     assert (exp / 'models' / 'net_grm_2.pth').is_file()
     assert (exp / 'training_states' / '2.state').is_file()
     assert 'World size (gpu number): 2' in _log(exp)
+
+
+def test_demo_rtm_from_the_embedded_data(workdir):
+    """``tools/build_rtm.py`` with the demo options on the demo LMDB: the memory, its metadata and picture."""
+    with open(osp.join(REPO, 'options', 'demo', 'build_rtm_demo.yml')) as f:
+        opt = yaml.safe_load(f)
+    opt['sources'] = [str(workdir / 'demo' / 'train_HR.lmdb')]
+    (workdir / 'rtm.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
+    proc = _run([osp.join(REPO, 'tools', 'build_rtm.py'), '-opt', 'rtm.yml', '--no-progress'], cwd=workdir)
+    assert 'RTM: 256 of 2000 candidates kept by FPS (both)' in proc.stdout, proc.stdout
+    out = workdir / opt['output']
+    meta = yaml.safe_load(out.with_suffix('.json').read_text())  # JSON is YAML
+    assert meta['autoencoder']['type'] == 'PixelUnshuffleAutoencoder' and meta['patch_size'] == 16
+    assert (out.parent / 'rtm_demo_x4_preview.png').is_file()
+    from patchscaler.archs.autoencoder_arch import PixelUnshuffleAutoencoder
+    from patchscaler.retrieval import ReferenceTextureMemory
+    rtm = ReferenceTextureMemory.load(out, autoencoder=PixelUnshuffleAutoencoder(4), patch_size=16)
+    sims, idx = rtm.search(rtm.values[:32])
+    assert torch.equal(idx[:, 0], torch.arange(32)) and bool((sims[:, 0] > 0.999).all())
