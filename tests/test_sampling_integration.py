@@ -57,7 +57,8 @@ def test_benchmark_writes_json_and_markdown_with_exact_nfe_ratios(tmp_path, monk
     import benchmark
     out = tmp_path / 'bench'
     benchmark.main(['--lr-size', '40', '--ae-factor', '4', '--patch-size', '8', '--repeats', '1', '--warmup', '0',
-                    '--shares', '1/0/0', '0.5/0.25/0.25', '0/0/1', '--out', str(out)])
+                    '--shares', '1/0/0', '0.5/0.25/0.25', '0/0/1', '--out-size', '160', '--rtm-size', '50',
+                    '--out', str(out)])
     result = json.loads((out / 'benchmark.json').read_text())
     rows = result['pgs']
     assert [r['scenario'] for r in rows][0].startswith('uniform')
@@ -69,6 +70,22 @@ def test_benchmark_writes_json_and_markdown_with_exact_nfe_ratios(tmp_path, monk
     assert all(r['wall_s'] > 0 and r['overhead_s'] > 0 for r in rows)
     table = (out / 'benchmark.md').read_text()
     assert '| pgs shares 1/0/0 |' in table and '0.40' in table
+    retrieval = result['retrieval']
+    assert retrieval['queries'] == 9 * 9 and retrieval['same_indices']  # 160 px / d 4 = 40 px latent
+    assert {'texture keys', 'search (torch)'} <= {r['step'] for r in retrieval['rows']}
+    assert all(r['queries_per_s'] > 0 for r in retrieval['rows'])
+    assert '| search (torch) |' in table
+
+
+def test_benchmark_retrieval_only(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(osp.join(ROOT, 'tools'))
+    sys.modules.pop('benchmark', None)
+    import benchmark
+    benchmark.main(['--parts', 'retrieval', '--out-size', '128', '--ae-factor', '8', '--rtm-size', '20', '--top-k', '2',
+                    '--repeats', '1', '--warmup', '0', '--out', str(tmp_path)])
+    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert 'pgs' not in result and result['retrieval']['queries'] == 1 and result['retrieval']['top_k'] == 2
+    assert (tmp_path / 'benchmark.md').read_text().startswith('RTM retrieval on')
 
 
 def test_model_options_sampler_is_checked(demo_opt):

@@ -1,7 +1,8 @@
-"""Speed, measured in one run: PGS vs uniform sampling with the same denoiser, input and seed.
+"""Speed, measured in one run: PGS vs uniform sampling with the same denoiser, input and seed; RTM retrieval.
 
     python tools/benchmark.py                     # CPU: LR 128 -> ×4 -> 64×64 SD-size latent, V = 16
     python tools/benchmark.py --device cuda --lr-size 512 --model S
+    python tools/benchmark.py --parts retrieval   # only the texture retrieval
 
 The denoiser is a random-init DiT-style patch transformer (concat(y0, x_t), 2×2 tokens, x0 output) of
 the size chosen by ``--model``: timing needs its cost per call, not trained weights. Scenarios:
@@ -14,7 +15,14 @@ the size chosen by ``--model``: timing needs its cost per call, not trained weig
 
 For each: median wall time over ``--repeats`` (after ``--warmup``; scenarios timed round-robin), NFE
 (patch evaluations), both as ratios to ``uniform``. PGS's saving is real when the wall ratio tracks the NFE
-ratio. Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the table in the README).
+ratio.
+
+Retrieval (``--parts retrieval``): Algorithm 1 for every PGS patch of an ``--out-size``² output (V = 16,
+stride 8, SD factor 8: 961 patches at 2048²) against an RTM of ``--rtm-size`` random latent patches: texture
+keys, top-K search with each back end (faiss when installed, torch), and the whole query (keys + search +
+gathering the priors), as queries per second; the back ends' indices are compared.
+
+Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the tables in the README).
 """
 import argparse
 import json
@@ -78,6 +86,14 @@ def pgs_scenarios(args):
     return out
 
 
+def common_fields(args):
+    device = torch.device(args.device)
+    return {'device': str(device), 'device_name': (torch.cuda.get_device_name(device) if device.type == 'cuda'
+                                                   else platform.processor() or platform.machine()),
+            'threads': torch.get_num_threads(), 'torch': torch.__version__,
+            'input': {'patch_size': args.patch_size}}
+
+
 def run(args):
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -116,10 +132,7 @@ def run(args):
         r['nfe_ratio'] = r['nfe'] / ref['nfe']
         r['wall_ratio'] = r['wall_s'] / ref['wall_s']
     return {
-        'what': 'PGS vs uniform sampling, same denoiser/input/seed, one run',
-        'device': str(device), 'device_name': (torch.cuda.get_device_name(device) if device.type == 'cuda'
-                                               else platform.processor() or platform.machine()),
-        'threads': torch.get_num_threads(), 'torch': torch.__version__,
+        **common_fields(args), 'what': 'PGS vs uniform sampling, same denoiser/input/seed, one run',
         'input': {'lr_size': args.lr_size, 'scale': args.scale, 'latent': list(y0.shape),
                   'patch_size': args.patch_size,
                   'patches': rows[0]['patches_per_group'][0]},
@@ -128,7 +141,63 @@ def run(args):
         'repeats': args.repeats, 'warmup': args.warmup, 'pgs': rows}
 
 
+def run_retrieval(args):
+    """Queries per second of Algorithm 1 for all patches of one output image, per back end."""
+    from patchscaler.retrieval import KeyIndex, ReferenceTextureMemory, faiss_available
+    from patchscaler.sampling import PatchGrid
+    device = torch.device(args.device)
+    side = args.out_size // args.ae_factor
+    m = PatchGrid.for_shape(side, side, args.patch_size).num_patches
+    g = torch.Generator().manual_seed(0)
+    shape = (args.latent_channels, args.patch_size, args.patch_size)
+    rtm = ReferenceTextureMemory.build(torch.randn(args.rtm_size, *shape, generator=g), None, args.rtm_size,
+                                       fps='keys', top_k=args.top_k).to(device)
+    queries = torch.randn(m, *shape, generator=g).to(device)
+    keys = rtm.query_keys(queries)
+    backends = ['torch'] + (['faiss'] if faiss_available(gpu=device.type == 'cuda') else [])
+    indexes = {b: KeyIndex(rtm.keys, b) for b in backends}
+
+    def query(index):
+        sims, idx = index.search(rtm.query_keys(queries), args.top_k)
+        return rtm.values[idx], sims
+
+    fns = [('texture keys', partial(rtm.query_keys, queries))]
+    fns += [(f'search ({b})', partial(indexes[b].search, keys, args.top_k)) for b in backends]
+    fns += [(f'query: keys + search ({b}) + priors', partial(query, indexes[b])) for b in backends]
+    timed = measure_interleaved([f for _, f in fns], device, args.repeats, args.warmup)
+    rows = [{'step': name, 'median_s': t['median_s'], 'queries_per_s': m / t['median_s']}
+            for (name, _), t in zip(fns, timed)]
+    for (name, _), t, row in zip(fns, timed, rows):
+        print(f"{name:40s} {t['median_s'] * 1e3:8.2f} ms  {row['queries_per_s']:10.0f} queries/s", flush=True)
+    found = {b: indexes[b].search(keys, args.top_k)[1].cpu() for b in backends}
+    return {'output_size': args.out_size, 'queries': m, 'rtm_size': args.rtm_size, 'top_k': args.top_k,
+            'key_dim': int(rtm.keys.shape[1]), 'texture_classifier': rtm.meta['texture_classifier']['type'],
+            'backends': backends, 'same_indices': all(torch.equal(found['torch'], v) for v in found.values()),
+            'rows': rows}
+
+
+def markdown_retrieval(result):
+    r = result['retrieval']
+    v = result['input']['patch_size']
+    lines = [f"RTM retrieval on {result['device_name']} ({result['device']}): all {r['queries']} PGS patches of a "
+             f"{r['output_size']}² output (V = {v}, stride {v // 2}) against {r['rtm_size']} memory patches, "
+             f"top-{r['top_k']}, {r['key_dim']}-d keys ({r['texture_classifier']}); back ends return the same "
+             f"indices: {'yes' if r['same_indices'] else 'NO'}.",
+             '', '| step | time (ms) | queries/s |', '| --- | ---: | ---: |']
+    lines += [f"| {row['step']} | {row['median_s'] * 1e3:.2f} | {row['queries_per_s']:,.0f} |" for row in r['rows']]
+    return '\n'.join(lines) + '\n'
+
+
 def markdown(result):
+    parts = []
+    if 'pgs' in result:
+        parts.append(markdown_pgs(result))
+    if 'retrieval' in result:
+        parts.append(markdown_retrieval(result))
+    return '\n'.join(parts)
+
+
+def markdown_pgs(result):
     inp, den = result['input'], result['denoiser']
     lines = [f"PGS vs uniform on {result['device_name']} ({result['device']}, {result['threads']} threads, "
              f"torch {result['torch']}): LR {inp['lr_size']}² ×{inp['scale']} → latent "
@@ -161,6 +230,10 @@ def parse_args(argv=None):
                    help='PGS group shares to time, e.g. 0.4/0.3/0.3')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval'], default=['pgs', 'retrieval'])
+    p.add_argument('--out-size', type=int, default=2048, help='retrieval: output side whose patches query the RTM')
+    p.add_argument('--rtm-size', type=int, default=2000, help='retrieval: memory size (paper: 2,000)')
+    p.add_argument('--top-k', type=int, default=4)
     p.add_argument('--out', default='results/benchmark')
     return p.parse_args(argv)
 
@@ -169,7 +242,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         sys.exit('error: --device cuda but this torch sees no GPU')
-    result = run(args)
+    result = run(args) if 'pgs' in args.parts else common_fields(args)
+    if 'retrieval' in args.parts:
+        result['retrieval'] = run_retrieval(args)
     os.makedirs(args.out, exist_ok=True)
     with open(osp.join(args.out, 'benchmark.json'), 'w') as f:
         json.dump(result, f, indent=2)
