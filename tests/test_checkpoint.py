@@ -171,3 +171,14 @@ def test_base_model_save_and_load_network(tmp_path):
         model.load_network(other, str(path))
     with pytest.raises(CheckpointError, match='not found'):
         model.load_network(other, str(tmp_path / 'missing.pth'))
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    """Not mkstemp's private 0600: a checkpoint or RTM on a shared disk is readable like any other file."""
+    import stat
+    mask = os.umask(0o022)
+    try:
+        atomic_save(_state(), str(tmp_path / 'net.pth'))
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / 'net.pth').st_mode) == 0o644

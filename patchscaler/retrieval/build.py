@@ -9,7 +9,7 @@ import torch
 
 from patchscaler.registry import AUTOENCODERS
 from patchscaler.utils.errors import ConfigError
-from patchscaler.utils.options_check import build_from_registry, check_keys
+from patchscaler.utils.options_check import build_from_registry, check_keys, check_path
 
 from .candidates import collect_candidates
 from .memory import ReferenceTextureMemory, rtm_path
@@ -31,8 +31,8 @@ def _section(opt, name, known):
     return value
 
 
-def check_rtm_options(opt):
-    """One-line ConfigErrors for unknown, missing or mistyped keys, before any work starts."""
+def check_rtm_options(opt, check_paths=True):
+    """One-line ConfigErrors for unknown, missing or mistyped keys and missing sources, before any work."""
     if not isinstance(opt, dict):
         raise ConfigError('an RTM option file must be a YAML mapping')
     check_keys('', opt, OPTION_KEYS)
@@ -44,6 +44,9 @@ def check_rtm_options(opt):
             raise ConfigError(f'{key} must be a positive integer, got {opt[key]!r}')
     for name, known in (('candidates', CANDIDATE_KEYS), ('fps', FPS_KEYS), ('preview', PREVIEW_KEYS)):
         _section(opt, name, known)  # preview: false turns the picture off
+    # before the autoencoder loads: a typo in a path costs a second, not minutes
+    for src in _as_list(opt['sources']) if check_paths else ():
+        check_path('sources', src.get('root') if isinstance(src, dict) else src)
 
 
 def resolve_device(device):

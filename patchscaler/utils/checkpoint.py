@@ -10,6 +10,12 @@ import torch
 from .errors import CheckpointError
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """``write(tmp)`` to a temporary file in the same folder as ``path``, fsync, then rename over ``path``.
 
@@ -22,6 +28,8 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the permissions open() would (after write:
+        # some writers, safetensors among them, replace the file)
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
