@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -115,21 +114,36 @@ def test_build_from_options_writes_memory_metadata_and_preview(hr_folder, tmp_pa
 @pytest.mark.parametrize('change, message', [
     ({'candidates': {'nmu': 3}}, "unknown option 'candidates.nmu' (did you mean 'num'?)"),
     ({'sise': 3}, "unknown option 'sise' (did you mean 'size'?)"),
-    ({'size': 0}, 'size must be a positive integer'),
+    ({'size': 0}, 'size must be an integer >= 1'),
     ({'patch_size': None}, "missing the required key 'patch_size'"),
-    ({'fps': {'space': 'pixels'}}, 'fps must be one of'),
+    ({'fps': {'space': 'pixels'}}, 'fps.space must be one of'),
+    ({'fps': {'value_weight': -1}}, 'fps.value_weight must be a number >= 0'),
+    ({'top_k': 50}, 'top_k (50) cannot exceed the memory size (12)'),
+    ({'top_k': 0}, 'top_k must be an integer >= 1'),
+    ({'candidates': {'batch_size': 0}}, 'candidates.batch_size must be an integer >= 1'),
+    ({'candidates': {'context': -1}}, 'candidates.context must be an integer >= 0'),
+    ({'candidates': {'mode': 'sliding'}}, 'candidates.mode must be one of'),
+    ({'device': 'gpu'}, 'device must be auto, cpu, cuda or cuda:N'),
+    ({'center_keys': 'yes'}, 'center_keys must be true, false'),
+    ({'patch_size': 2}, 'patches of 2×2 are too small for scales [1]'),
+    ({'texture_classifier': {'type': 'LatentTextureDescriptr'}}, "unknown type 'LatentTextureDescriptr'"),
     ({'texture_classifier': {'type': 'TorchvisionTextureClassifier', 'weights': 'weights/none.pth'}},
      'texture classifier weights not found: weights/none.pth'),
 ])
-def test_bad_options_are_one_line_and_write_nothing(hr_folder, tmp_path, change, message):
+def test_bad_options_fail_in_one_line_before_any_image_is_read(hr_folder, tmp_path, monkeypatch, change, message):
+    import patchscaler.retrieval.build as build_module
+
+    def never(*args, **kwargs):
+        raise AssertionError('the candidate step ran before the options were refused')
+
+    monkeypatch.setattr(build_module, 'collect_candidates', never)
     opt = _options(tmp_path, [str(hr_folder)], **change)
-    if 'patch_size' in change:
+    if change.get('patch_size', 0) is None:
         del opt['patch_size']
-    with pytest.raises(PatchScalerError) as info, warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # the corrupt/tiny images' skip warnings, when the build gets that far
+    with pytest.raises(PatchScalerError) as info:
         build_rtm_from_options(opt, progress=False, log=lambda s: None)
     assert message in str(info.value)
-    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
 
 
 def test_check_options_accepts_the_shipped_files():

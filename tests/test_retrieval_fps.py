@@ -96,3 +96,18 @@ def test_bad_input_is_one_clear_error():
         farthest_point_sampling(torch.zeros(4), 1)
     with pytest.raises(ConfigError, match='>= 1'):
         farthest_point_sampling(torch.zeros(4, 2), 0)
+
+
+def test_duplicates_are_never_chosen_twice():
+    """Five distinct points repeated four times (a screentone cut on a grid): FPS returns the five, once each,
+    instead of filling the memory with copies; near-duplicates (rounding-level noise) count as copies too."""
+    base = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    x = base.repeat(4, 1)
+    got = farthest_point_sampling(x, 20)
+    assert len(got) == 5 and len({tuple(row) for row in x[got].tolist()}) == 5
+    noisy = base.repeat(50, 1) + 1e-5 * torch.randn(250, 8, generator=torch.Generator().manual_seed(1))
+    assert len(farthest_point_sampling(noisy, 100)) == 5
+    spread = torch.randn(300, 512, generator=torch.Generator().manual_seed(2))
+    near = torch.cat([spread, spread + 1e-4 * torch.randn(300, 512, generator=torch.Generator().manual_seed(3))])
+    picked = farthest_point_sampling(near, 500)
+    assert len(set(picked.tolist())) == len(picked)  # never the same index twice

@@ -96,6 +96,16 @@ def test_faiss_and_torch_agree_on_random_data():
     assert KeyIndex(keys).backend_for(torch.device('cpu')) == 'faiss'
 
 
+@pytest.mark.skipif(not faiss_available(), reason='faiss not installed')
+def test_faiss_cpu_serves_cuda_queries_from_a_cpu_index(monkeypatch):
+    """backend: faiss with CUDA queries but faiss-cpu: a CPU index, no GPU-only faiss call."""
+    monkeypatch.setattr(index_module, 'faiss_available', lambda gpu=False: not gpu)
+    index = KeyIndex(torch.nn.functional.normalize(torch.randn(10, 4), dim=1), 'faiss')
+    assert index.backend_for(torch.device('cuda', 0)) == 'faiss'
+    index._faiss_index(torch.device('cuda', 0))
+    assert list(index._faiss) == ['cpu'] and not index._gpu_resources
+
+
 def test_auto_falls_back_to_torch_without_faiss(monkeypatch):
     monkeypatch.setattr(index_module, 'faiss_available', lambda gpu=False: False)
     keys = torch.nn.functional.normalize(torch.randn(10, 4), dim=1)
@@ -187,6 +197,23 @@ def test_load_refuses_other_weights_of_the_same_autoencoder(tmp_path, tiny_vae_c
         ReferenceTextureMemory.load(path, autoencoder=other)
 
 
+def test_a_memory_without_a_recorded_autoencoder_is_refused_by_a_model(rtm, tmp_path):
+    path = rtm.save(tmp_path / 'anonymous')  # built from tensors, no autoencoder given
+    assert len(ReferenceTextureMemory.load(path)) == 120  # fine for plain retrieval
+    with pytest.raises(ConfigError, match='without recording its autoencoder'):
+        ReferenceTextureMemory.load(path, autoencoder=PixelUnshuffleAutoencoder(1))
+
+
+def test_probe_is_deterministic_for_a_sampling_autoencoder(tmp_path, tiny_vae_config):
+    """An autoencoder that samples its posterior is still recognised, and the global RNG is left alone."""
+    torch.manual_seed(0)
+    ae = DiffusersAutoencoderKL(config=tiny_vae_config, sample_posterior=True)
+    path = ReferenceTextureMemory.build(torch.randn(8, 4, 8, 8), None, 4, autoencoder=ae).save(tmp_path / 'm')
+    state = torch.random.get_rng_state()
+    assert len(ReferenceTextureMemory.load(path, autoencoder=ae)) == 4
+    assert torch.equal(torch.random.get_rng_state(), state) and ae.sample_posterior
+
+
 def test_build_retriever_from_options(unshuffle_rtm, tmp_path):
     rtm, ae = unshuffle_rtm
     path = rtm.save(tmp_path / 'mem.safetensors')
@@ -197,13 +224,15 @@ def test_build_retriever_from_options(unshuffle_rtm, tmp_path):
         build_retriever({'type': 'ReferenceTextureMemory', 'path': path, 'topk': 2})
     with pytest.raises(ConfigError, match='top_k must be between 1 and the RTM size 20'):
         build_retriever({'type': 'ReferenceTextureMemory', 'path': path, 'top_k': 21})
+    with pytest.raises(ConfigError, match='top_k must be between 1'):
+        build_retriever({'type': 'ReferenceTextureMemory', 'path': path, 'top_k': 0})
 
 
 def test_fps_spaces_and_small_candidate_sets():
     values = textures('rough', 30, seed=0)
     for space in ('keys', 'values', 'both'):
         assert len(ReferenceTextureMemory.build(values, None, 10, fps=space)) == 10
-    with pytest.warns(UserWarning, match='only 30 candidate patches'):
+    with pytest.warns(UserWarning, match='only 30 distinct candidate patches'):
         assert len(ReferenceTextureMemory.build(values, None, 50)) == 30
     with pytest.raises(ConfigError, match='fps must be one of'):
         ReferenceTextureMemory.build(values, None, 10, fps='pixels')

@@ -128,3 +128,33 @@ def test_torchvision_classifier_errors(backbone_weights, tmp_path):
         TorchvisionTextureClassifier(weights, arch='vgg99')
     with pytest.raises(ConfigError, match='pool'):
         TorchvisionTextureClassifier(weights, arch='mobilenet_v3_small', layer='features.3', pool='max')
+
+
+def test_rtm_with_a_torchvision_classifier_round_trips(backbone_weights, tmp_path):
+    """Build -> save -> load with the backbone: keys are not centred (a trained classifier's own cosine), the
+    weights' hash travels with the memory, and a memory patch finds itself."""
+    from patchscaler.retrieval import ReferenceTextureMemory
+    ae = PixelUnshuffleAutoencoder(4)
+    opt = {'type': 'TorchvisionTextureClassifier', 'arch': 'mobilenet_v3_small',
+           'weights': str(backbone_weights / 'mnv3.pth'), 'layer': 'features.3', 'input_size': 64}
+    values = ae.encode(torch.rand(24, 3, 32, 32, generator=_g(0)))
+    rtm = ReferenceTextureMemory.build(values, opt, 12, autoencoder=ae)
+    assert rtm.meta['center_keys'] is False and torch.equal(rtm.key_mean, torch.zeros_like(rtm.key_mean))
+    path = rtm.save(tmp_path / 'tv_rtm')
+    loaded = ReferenceTextureMemory.load(path, autoencoder=ae, patch_size=8)
+    sims, idx = loaded.search(loaded.values)
+    assert torch.equal(idx[:, 0], torch.arange(12)) and bool((sims[:, 0] > 0.999).all())
+    with pytest.raises(ConfigError, match='needs the autoencoder'):
+        ReferenceTextureMemory.load(path)
+
+
+def test_torchvision_classifier_with_a_bf16_autoencoder(backbone_weights, tiny_vae_config):
+    """Half-precision autoencoders (the GPU fast path) and float32 RTM values meet in the classifier."""
+    from patchscaler.archs.autoencoder_arch import DiffusersAutoencoderKL
+    vae = DiffusersAutoencoderKL(config=tiny_vae_config).to(torch.bfloat16)
+    tc = build_texture_classifier({'type': 'TorchvisionTextureClassifier', 'arch': 'mobilenet_v3_small',
+                                   'weights': str(backbone_weights / 'mnv3.pth'), 'layer': 'features.3',
+                                   'input_size': 32}, autoencoder=vae)
+    for dtype in (torch.float32, torch.float16):
+        k = tc(torch.randn(2, 4, 8, 8, generator=_g(0)).to(dtype))
+        assert k.dtype == torch.float32 and torch.isfinite(k).all()

@@ -154,8 +154,12 @@ def run_retrieval(args):
                                        fps='keys', top_k=args.top_k).to(device)
     queries = torch.randn(m, *shape, generator=g).to(device)
     keys = rtm.query_keys(queries)
-    backends = ['torch'] + (['faiss'] if faiss_available(gpu=device.type == 'cuda') else [])
+    backends = ['torch'] + (['faiss'] if faiss_available() else [])
     indexes = {b: KeyIndex(rtm.keys, b) for b in backends}
+    if device.type == 'cuda' and 'faiss' in backends:  # faiss-cpu searches a CPU index with the queries copied
+        label = 'faiss GPU index' if faiss_available(gpu=True) else 'faiss CPU index'
+        indexes = {(label if b == 'faiss' else b): i for b, i in indexes.items()}
+        backends = list(indexes)
 
     def query(index):
         sims, idx = index.search(rtm.query_keys(queries), args.top_k)
@@ -169,7 +173,7 @@ def run_retrieval(args):
             for (name, _), t in zip(fns, timed)]
     for (name, _), t, row in zip(fns, timed, rows):
         print(f"{name:40s} {t['median_s'] * 1e3:8.2f} ms  {row['queries_per_s']:10.0f} queries/s", flush=True)
-    found = {b: indexes[b].search(keys, args.top_k)[1].cpu() for b in backends}
+    found = {b: indexes[b].search(keys, args.top_k)[1].cpu() for b in backends}  # torch first
     return {'output_size': args.out_size, 'queries': m, 'rtm_size': args.rtm_size, 'top_k': args.top_k,
             'key_dim': int(rtm.keys.shape[1]), 'texture_classifier': rtm.meta['texture_classifier']['type'],
             'backends': backends, 'same_indices': all(torch.equal(found['torch'], v) for v in found.values()),

@@ -70,7 +70,6 @@ def _window(y, size, extent, margin):
     return min(max(y - margin, 0), extent - size), size
 
 
-@torch.no_grad()
 def collect_candidates(sources, autoencoder, patch_size, num=20000, mode='random', min_std=0.04, context=4,
                        seed=0, batch_size=16, device='cpu', progress=True):
     """Latent candidate patches for an RTM.
@@ -135,8 +134,10 @@ def collect_candidates(sources, autoencoder, patch_size, num=20000, mode='random
         values += _encode_windows(autoencoder, rgb, kept, windows, d, int(patch_size), batch_size, device)
         origins += [(name, y, x) for y, x in kept]
     if not values:
-        raise DataError(f'no usable patches in {report.images} images: every image was skipped or flat '
-                        f'(skipped: {report.skipped[:3]}...; min_std {min_std})')
+        skipped = f'{len(report.skipped)} skipped as unreadable or too small, e.g. {report.skipped[0][0]}: ' \
+            f'{report.skipped[0][1]}' if report.skipped else 'none unreadable or too small'
+        raise DataError(f'no usable patches in {report.images} images: every patch was flat (grey std below '
+                        f'min_std {min_std}) or its image was skipped ({skipped})')
     values = torch.stack(values)
     if len(values) > int(num):
         keep = np.sort(rng.choice(len(values), size=int(num), replace=False))
@@ -153,11 +154,12 @@ def _encode_windows(autoencoder, rgb, kept, windows, d, v, batch_size, device):
     for j, ((_, sh), (_, sw)) in enumerate(windows):
         by_shape.setdefault((sh, sw), []).append(j)
     for members in by_shape.values():
-        for b in range(0, len(members), batch_size):
+        for b in range(0, len(members), max(1, batch_size)):
             batch = members[b:b + batch_size]
             crops = torch.stack([rgb[:, windows[j][0][0]:windows[j][0][0] + windows[j][0][1],
                                      windows[j][1][0]:windows[j][1][0] + windows[j][1][1]] for j in batch])
-            latents = autoencoder.encode(crops.to(device, dtype)).float().cpu()
+            with torch.no_grad():
+                latents = autoencoder.encode(crops.to(device, dtype)).float().cpu()
             for latent, j in zip(latents, batch):
                 ly, lx = (kept[j][0] - windows[j][0][0]) // d, (kept[j][1] - windows[j][1][0]) // d
                 out[j] = latent[:, ly:ly + v, lx:lx + v].clone()

@@ -33,17 +33,20 @@ def _sq_dist_to(points, sq_norms, point, chunk_size):
 
 
 def farthest_point_sampling(points, n, seed=0, chunk_size=65536, progress=False):
-    """Indices of ``n`` points chosen by farthest point sampling, in the order chosen.
+    """Indices of up to ``n`` points chosen by farthest point sampling, in the order chosen.
 
     Args:
         points (Tensor): (N, D); any device (computed there, in float32).
-        n (int): how many to keep; ``n >= N`` returns all N, still in FPS order.
+        n (int): how many to keep.
         seed (int): picks the first point; the rest is deterministic (ties go to the lowest index).
         chunk_size (int): rows per distance block.
         progress (bool): a tqdm bar over the n steps.
 
     Returns:
-        LongTensor (min(n, N),) on ``points.device``.
+        LongTensor (n',) of distinct indices on ``points.device``. n' < n when the data runs out of
+        distinct points first: every remaining point is then a duplicate of a chosen one (squared distance
+        below 1e-6 of the largest squared norm, i.e. closer than 0.1 % of the data's scale), and adding
+        it would only put the same texture into the memory twice.
     """
     _check_points(points)
     if int(n) < 1:
@@ -52,19 +55,27 @@ def farthest_point_sampling(points, n, seed=0, chunk_size=65536, progress=False)
     num = x.shape[0]
     n = min(int(n), num)
     sq_norms = (x * x).sum(1)
+    duplicate = 1e-6 * float(sq_norms.max()) + 1e-20
     first = int(torch.randint(num, (1,), generator=torch.Generator().manual_seed(int(seed))))
-    chosen = torch.empty(n, dtype=torch.long, device=x.device)
-    chosen[0] = first
+    chosen = [first]
     min_dist = _sq_dist_to(x, sq_norms, x[first], chunk_size)
-    steps = range(1, n)
+    min_dist[first] = -1  # never chosen twice, whatever the rounding of the distances
+    bar = None
     if progress:
         from tqdm import tqdm
-        steps = tqdm(steps, desc='farthest point sampling', unit='pt', initial=1, total=n)
-    for i in steps:
-        nxt = torch.argmax(min_dist)  # first maximum: deterministic
-        chosen[i] = nxt
+        bar = tqdm(desc='farthest point sampling', unit='pt', initial=1, total=n)
+    while len(chosen) < n:
+        nxt = int(torch.argmax(min_dist))  # first maximum: deterministic
+        if float(min_dist[nxt]) <= duplicate:
+            break
+        chosen.append(nxt)
         torch.minimum(min_dist, _sq_dist_to(x, sq_norms, x[nxt], chunk_size), out=min_dist)
-    return chosen
+        min_dist[nxt] = -1  # (chosen points stay at -1: the minimum keeps it)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return torch.tensor(chosen, dtype=torch.long, device=x.device)
 
 
 def covering_radius(points, selected, chunk_size=4096):
@@ -87,6 +98,8 @@ def fps_space(keys, values=None, value_weight=1.0, value_dims=256, seed=0):
     Values longer than ``value_dims`` (an SD latent patch has 1,024 numbers, a pixel-unshuffle one 12,288)
     are first projected by a fixed Gaussian matrix (seeded): by Johnson–Lindenstrauss the distances change
     by a few percent while each FPS step reads far less memory."""
+    if not value_weight >= 0:
+        raise ConfigError(f'fps value_weight must be >= 0, got {value_weight}')
     k = F.normalize(keys.float(), dim=1)
     if values is None or value_weight == 0:
         return k

@@ -1,7 +1,7 @@
 """Top-K search by inner product over L2-normalised keys (cosine similarity), with two back ends.
 
 * ``faiss``: an exact ``IndexFlatIP``; on a GPU index when the queries are on CUDA and faiss was built
-  with GPU support (``faiss-gpu``, the ``gpu`` extra) and sees a GPU.
+  with GPU support (``faiss-gpu``, the ``gpu`` extra) and sees a GPU, else on the CPU.
 * ``torch``: ``queries @ keys.T`` and ``topk``, in blocks of queries, on the queries' device.
 
 ``auto`` (the default) takes faiss for CPU queries when it is installed, and for CUDA queries only when
@@ -43,6 +43,7 @@ class KeyIndex:
         self.keys = keys.float().contiguous()
         self.backend, self.block_size = backend, int(block_size)
         self._faiss = {}  # 'cpu' / 'cuda:i' -> index, built on first use
+        self._gpu_resources = {}  # kept alive as long as their GPU indexes
 
     def __len__(self):
         return self.keys.shape[0]
@@ -79,15 +80,18 @@ class KeyIndex:
         return torch.cat(scores), torch.cat(indices)
 
     def _faiss_index(self, device):
+        """A GPU index for CUDA queries when faiss can make one, otherwise the CPU index."""
         import faiss
+        if device.type == 'cuda' and not faiss_available(gpu=True):
+            device = torch.device('cpu')  # faiss-cpu with CUDA queries (backend: faiss): search on the CPU
         name = str(device)
         if name not in self._faiss:
             index = faiss.IndexFlatIP(self.keys.shape[1])
             index.add(self.keys.cpu().numpy())
             if device.type == 'cuda':
-                res = faiss.StandardGpuResources()
-                index = faiss.index_cpu_to_gpu(res, device.index or 0, index)
-                index.resources = res  # keep the GPU resources alive as long as the index
+                res = self._gpu_resources[name] = faiss.StandardGpuResources()
+                gpu = device.index if device.index is not None else torch.cuda.current_device()
+                index = faiss.index_cpu_to_gpu(res, gpu, index)
             self._faiss[name] = index
         return self._faiss[name]
 

@@ -33,12 +33,22 @@ PROBE_TOLERANCE = 0.05  # relative L2 difference of the probe latents: bf16/GPU 
 
 
 def autoencoder_identity(autoencoder):
-    """(description dict, probe latent): what an RTM records about the autoencoder its values came from."""
+    """(description dict, probe latent): what an RTM records about the autoencoder its values came from.
+
+    The probe latent is the deterministic encoding (posterior mode, even for an autoencoder configured to
+    sample) of a fixed random image, computed without touching the global RNG."""
     d = int(autoencoder.downscale_factor)
     side = 8 * d
     probe = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        latent = autoencoder.encode(probe.to(*placement(autoencoder))).float().cpu()
+    sampling = getattr(autoencoder, 'sample_posterior', False)
+    try:
+        if sampling:
+            autoencoder.sample_posterior = False
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            latent = autoencoder.encode(probe.to(*placement(autoencoder))).float().cpu()
+    finally:
+        if sampling:
+            autoencoder.sample_posterior = sampling
     return {'type': type(autoencoder).__name__, 'latent_channels': int(autoencoder.latent_channels),
             'downscale_factor': d, 'scaling_factor': float(getattr(autoencoder, 'scaling_factor', 1.0))}, latent
 
@@ -47,8 +57,10 @@ def _describe(ae):
     return f"{ae['type']} (c={ae['latent_channels']}, d={ae['downscale_factor']}, scaling {ae['scaling_factor']:g})"
 
 
-def extract_keys(extractor, patches, batch_size=1024, progress=False):
-    """Keys of (N, c, V, V) patches in batches on the patches' device -> (N, D) float32, not normalised."""
+def extract_keys(extractor, patches, batch_size=None, progress=False):
+    """Keys of (N, c, V, V) patches in batches (default: the extractor's ``batch_size``) on the patches'
+    device -> (N, D) float32, not normalised."""
+    batch_size = int(batch_size or getattr(extractor, 'batch_size', 1024))
     batches = range(0, patches.shape[0], batch_size)
     if progress:
         from tqdm import tqdm
@@ -105,14 +117,15 @@ class ReferenceTextureMemory:
 
     @classmethod
     def build(cls, values, key_extractor, size, *, fps='both', value_weight=1.0, seed=0, autoencoder=None,
-              sources=None, key_batch_size=1024, progress=False, top_k=4, backend='auto'):
+              sources=None, key_batch_size=None, center_keys=None, progress=False, top_k=4, backend='auto'):
         """Keys for all candidate ``values`` (N, c, V, V), then FPS down to ``size`` representative pairs.
 
-        Keys are centred on the mean key of all candidates before they are L2-normalised, and queries are
-        centred on the same stored mean: texture descriptors share a large common component (energies are
-        positive), which would otherwise squeeze every cosine similarity towards 1 and blur the ranking.
-        (Algorithm 1 normalises 𝒯's output; the centring is our addition, part of 𝒯 as far as the
-        memory is concerned.)
+        With ``center_keys`` (default: the extractor's ``center_keys``, True for the weight-free
+        descriptor, False for a trained backbone) keys are centred on the mean key of all candidates before
+        they are L2-normalised, and queries on the same stored mean: a hand-made descriptor's numbers share
+        a large common component (energies are positive) that squeezes every cosine similarity towards 1
+        and blurs the ranking. Algorithm 1 normalises 𝒯's output as it is; centring is our addition for
+        the descriptor (similarities then span [-1, 1]) and is recorded in the metadata.
 
         Args:
             key_extractor: a texture classifier, or its options dict (built with ``autoencoder`` bound).
@@ -121,14 +134,20 @@ class ReferenceTextureMemory:
             value_weight (float): weight of the value distance in ``both``.
             autoencoder: the autoencoder ``values`` were encoded with (recorded, checked on load).
             sources (list[str] | None): where the candidates came from (recorded).
+            key_batch_size (int | None): patches per key-extractor call (default: the extractor's).
+            center_keys (bool | None): see above.
         """
         check_latent_patches(values, 'RTM candidates')
         if fps not in FPS_SPACES:
             raise ConfigError(f'fps must be one of {FPS_SPACES}, got {fps!r}')
         if not hasattr(key_extractor, 'spec'):
             key_extractor = build_texture_classifier(key_extractor, autoencoder)
+        if isinstance(key_extractor, torch.nn.Module):
+            key_extractor.to(values.device)
+        if center_keys is None:
+            center_keys = getattr(key_extractor, 'center_keys', True)
         raw = extract_keys(key_extractor, values, key_batch_size, progress)
-        key_mean = raw.mean(0)
+        key_mean = raw.mean(0) if center_keys else torch.zeros_like(raw[0])
         keys = F.normalize(raw - key_mean, dim=1)
         if fps == 'keys':
             points = fps_space(keys)
@@ -138,11 +157,12 @@ class ReferenceTextureMemory:
             points = fps_space(keys, values, value_weight, seed=seed)
         chosen = farthest_point_sampling(points, size, seed=seed, progress=progress).to(values.device)
         if len(chosen) < int(size):
-            warnings.warn(f'RTM: only {len(chosen)} candidate patches for a memory of {size}; keeping all of them',
-                          stacklevel=2)
+            warnings.warn(f'RTM: only {len(chosen)} distinct candidate patches for a memory of {size}; keeping '
+                          'all of them', stacklevel=2)
         meta = {'format': FORMAT, 'version': VERSION, 'size': len(chosen), 'candidates': int(values.shape[0]),
                 'patch_size': int(values.shape[-1]), 'latent_channels': int(values.shape[1]),
                 'key_dim': int(keys.shape[1]), 'texture_classifier': key_extractor.spec(),
+                'center_keys': bool(center_keys),
                 'fps': {'space': fps, 'value_weight': float(value_weight), 'seed': int(seed)},
                 'sources': list(sources or []), 'created': datetime.datetime.now().isoformat(timespec='seconds')}
         probe = None
@@ -161,7 +181,7 @@ class ReferenceTextureMemory:
             self.texture_classifier.to(device)
         return self
 
-    def query_keys(self, patches, batch_size=1024):
+    def query_keys(self, patches, batch_size=None):
         """y0-query of Algorithm 1: 𝒯(patches), L2-normalised, (M, D)."""
         check_latent_patches(patches, 'query patches')
         if patches.shape[1:] != self.values.shape[1:]:
@@ -234,12 +254,12 @@ class ReferenceTextureMemory:
                               f'{patch_size}; rebuild the RTM with patch_size: {patch_size}')
         probe = tensors.get('autoencoder_probe')
         if autoencoder is not None:
-            _check_autoencoder(path, meta.get('autoencoder'), probe, autoencoder, values.shape[1])
+            _check_autoencoder(path, meta.get('autoencoder'), probe, autoencoder)
         stored = meta['texture_classifier']
         extractor = build_texture_classifier(texture_classifier or stored, autoencoder)
         _check_same_extractor(path, stored, extractor.spec())
-        rtm = cls(values, tensors['keys'], extractor, meta, top_k or meta.get('top_k', 4), backend, probe,
-                  tensors.get('key_mean'))
+        rtm = cls(values, tensors['keys'], extractor, meta, meta.get('top_k', 4) if top_k is None else top_k, backend,
+                  probe, tensors.get('key_mean'))
         return rtm.to(device)
 
 
@@ -253,14 +273,11 @@ def rtm_path(path):
     return path if path.endswith('.safetensors') else path + '.safetensors'
 
 
-def _check_autoencoder(path, stored, probe, autoencoder, channels):
+def _check_autoencoder(path, stored, probe, autoencoder):
     rebuild = 'rebuild the RTM with this autoencoder (tools/build_rtm.py) or point the model at the RTM built for it'
-    if stored is None:
-        if int(autoencoder.latent_channels) != channels:
-            raise ConfigError(f'{path} holds {channels}-channel latents but the autoencoder makes '
-                              f'{autoencoder.latent_channels}; {rebuild}')
-        warnings.warn(f'{path} records no autoencoder; only its latent channel count could be checked', stacklevel=2)
-        return
+    if stored is None:  # built by ReferenceTextureMemory.build without its autoencoder: nothing to vouch for it
+        raise ConfigError(f'{path} was built without recording its autoencoder, so it cannot be checked against the '
+                          f'model\'s; {rebuild}')
     now, latent = autoencoder_identity(autoencoder)
     fields = ('type', 'latent_channels', 'downscale_factor')
     if any(now[f] != stored[f] for f in fields) or abs(now['scaling_factor'] - stored['scaling_factor']) > 1e-6:

@@ -6,7 +6,11 @@ not name, and nothing can be downloaded here. Two key extractors share one small
 * ``extractor(latents)``: (N, c, V, V) latent patches -> (N, D) float32 keys (the RTM L2-normalises them);
 * ``extractor.spec()``: a JSON-able dict that rebuilds the same extractor (stored in the RTM's metadata,
   so queries are always projected the way the memory's keys were);
-* ``needs_autoencoder``: whether it decodes the latent to pixels first (then the RTM binds its autoencoder).
+* ``needs_autoencoder``: whether it decodes the latent to pixels first (then the RTM binds its autoencoder);
+* ``batch_size``: patches per call when keys are computed in bulk (small for extractors that decode);
+* ``center_keys``: whether the RTM centres keys on the memory's mean key by default (see
+  ``ReferenceTextureMemory.build``): yes for the hand-made descriptor, no for a trained classifier, whose
+  own cosine similarities are what it was trained for.
 
 :class:`LatentTextureDescriptor` (the default) needs no weights: second-order texture statistics of the
 latent itself at several scales. :class:`TorchvisionTextureClassifier` runs a torchvision backbone (VGG,
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchscaler.registry import TEXTURE_CLASSIFIERS
+from patchscaler.utils.device import placement
 from patchscaler.utils.errors import ConfigError, InputError, MissingWeightsError
 
 # a fixed derivative filter bank (d/dx, d/dy, Laplacian, d²/dxdy): the energy of each response, per channel,
@@ -73,6 +78,8 @@ class LatentTextureDescriptor:
     """
 
     needs_autoencoder = False
+    batch_size = 1024
+    center_keys = True
 
     def __init__(self, proj_channels=8, scales=(1, 2), block_weights=(0.25, 0.5, 1.0), seed=0):
         if int(proj_channels) < 1:
@@ -179,6 +186,8 @@ class TorchvisionTextureClassifier(nn.Module):
     """
 
     needs_autoencoder = True
+    batch_size = 32  # each patch is decoded to V·d pixels first (128² for the SD VAE)
+    center_keys = False
 
     def __init__(self, weights, arch='vgg16', layer='features.22', pool='mean_std', input_size=None,
                  autoencoder=None):
@@ -232,10 +241,11 @@ class TorchvisionTextureClassifier(nn.Module):
             raise ConfigError('TorchvisionTextureClassifier decodes patches first: bind(autoencoder) it, or build it '
                               'through the RTM, which binds its own')
         param = next(self.body.parameters())
-        rgb = ae.decode(latents).float().clamp(0, 1).to(param.device)
+        rgb = ae.decode(latents.to(*placement(ae, latents.device))).float().clamp(0, 1).to(param.device)
         if self.input_size and rgb.shape[-1] != self.input_size:
             rgb = F.interpolate(rgb, size=(self.input_size,) * 2, mode='bilinear', align_corners=False, antialias=True)
         feat = self.body(((rgb - self.mean) / self.std).to(param.dtype))['feat'].float().flatten(2)
+        feat = feat.to(latents.device)  # keys live where the patches are, whatever device the backbone is on
         return feat.mean(2) if self.pool == 'mean' else torch.cat([feat.mean(2), feat.std(2, correction=0)], 1)
 
 
