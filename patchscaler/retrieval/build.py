@@ -65,7 +65,6 @@ def check_rtm_options(opt, check_paths=True):
     if not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f'fps.value_weight must be a number >= 0, got {weight!r}')
     _section(opt, 'preview', PREVIEW_KEYS)  # preview: false turns the picture off
-    resolve_device(opt.get('device'))
     # before the autoencoder loads: a typo in a path costs a second, not minutes
     for src in _as_list(opt['sources']) if check_paths else ():
         check_path('sources', src.get('root') if isinstance(src, dict) else src)
