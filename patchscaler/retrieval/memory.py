@@ -129,7 +129,7 @@ class ReferenceTextureMemory:
 
         Args:
             key_extractor: a texture classifier, or its options dict (built with ``autoencoder`` bound).
-            size (int): S, the memory size (paper: 2,000 of 20,000); all N are kept when N <= S.
+            size (int): S, the memory size (paper: 2,000 of 20,000); fewer when fewer distinct candidates exist.
             fps (str): the space FPS covers: ``keys``, ``values`` or ``both`` (the paper: "on both").
             value_weight (float): weight of the value distance in ``both``.
             autoencoder: the autoencoder ``values`` were encoded with (recorded, checked on load).
