@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from basicsr.utils import img2tensor
 
 from patchscaler.data.image_io import ImageSource
 from patchscaler.utils.device import placement
@@ -129,7 +130,7 @@ def collect_candidates(sources, autoencoder, patch_size, num=20000, mode='random
         if not kept:
             continue
         report.used += 1
-        rgb = torch.from_numpy(np.ascontiguousarray(img[:h, :w, ::-1].transpose(2, 0, 1)))
+        rgb = img2tensor(img[:h, :w], bgr2rgb=True, float32=True)
         windows = [(_window(y, p + 2 * margin, h, margin), _window(x, p + 2 * margin, w, margin)) for y, x in kept]
         values += _encode_windows(autoencoder, rgb, kept, windows, d, int(patch_size), batch_size, device)
         origins += [(name, y, x) for y, x in kept]

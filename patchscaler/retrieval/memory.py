@@ -301,12 +301,10 @@ def _check_same_extractor(path, stored, now):
 def build_retriever(opt, autoencoder=None, patch_size=None, device='cpu'):
     """An RTM from options: ``{type: ReferenceTextureMemory, path: ..., top_k: 4, backend: auto,
     texture_classifier: (optional override)}``, checked against the model's autoencoder and V."""
-    from patchscaler.utils.options_check import check_keys
+    from patchscaler.utils.options_check import check_keys, registry_get
     if not isinstance(opt, dict) or 'type' not in opt or 'path' not in opt:
         raise ConfigError(f"rtm options must be a mapping with 'type' and 'path', got {opt!r}")
     opt = dict(opt)
-    cls = RETRIEVERS.get(opt.pop('type'))
-    if cls is None:
-        raise ConfigError(f"rtm: unknown type; known: {sorted(RETRIEVERS.module_dict)}")
+    cls = registry_get(RETRIEVERS, opt.pop('type'), 'rtm')
     check_keys('rtm.', opt, {'path', 'top_k', 'backend', 'texture_classifier'})
     return cls.load(opt.pop('path'), autoencoder=autoencoder, patch_size=patch_size, device=device, **opt)

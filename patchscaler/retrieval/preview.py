@@ -7,6 +7,7 @@ cosine similarities.
 import cv2
 import numpy as np
 import torch
+from basicsr.utils import tensor2img
 
 from patchscaler.utils.device import placement
 from patchscaler.utils.visualize import labelled_strip
@@ -16,12 +17,9 @@ def _decode(autoencoder, latents, tile):
     """(N, c, V, V) latents -> list of uint8 BGR tiles of ``tile`` px."""
     device, dtype = placement(autoencoder, latents.device)
     with torch.no_grad():
-        rgb = autoencoder.decode(latents.to(device, dtype)).float().clamp(0, 1).cpu().numpy()
-    out = []
-    for im in rgb:
-        im = (im.transpose(1, 2, 0)[..., ::-1] * 255 + 0.5).astype(np.uint8)
-        out.append(cv2.resize(im, (tile, tile), interpolation=cv2.INTER_NEAREST))
-    return out
+        rgb = autoencoder.decode(latents.to(device, dtype))
+    return [cv2.resize(im, (tile, tile), interpolation=cv2.INTER_NEAREST)
+            for im in tensor2img(list(rgb), rgb2bgr=True, min_max=(0, 1))]
 
 
 def _title(text, width):

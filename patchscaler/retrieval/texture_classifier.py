@@ -240,11 +240,11 @@ class TorchvisionTextureClassifier(nn.Module):
         if ae is None:
             raise ConfigError('TorchvisionTextureClassifier decodes patches first: bind(autoencoder) it, or build it '
                               'through the RTM, which binds its own')
-        param = next(self.body.parameters())
-        rgb = ae.decode(latents.to(*placement(ae, latents.device))).float().clamp(0, 1).to(param.device)
+        device, dtype = placement(self.body)
+        rgb = ae.decode(latents.to(*placement(ae, latents.device))).float().clamp(0, 1).to(device)
         if self.input_size and rgb.shape[-1] != self.input_size:
             rgb = F.interpolate(rgb, size=(self.input_size,) * 2, mode='bilinear', align_corners=False, antialias=True)
-        feat = self.body(((rgb - self.mean) / self.std).to(param.dtype))['feat'].float().flatten(2)
+        feat = self.body(((rgb - self.mean) / self.std).to(dtype))['feat'].float().flatten(2)
         feat = feat.to(latents.device)  # keys live where the patches are, whatever device the backbone is on
         return feat.mean(2) if self.pool == 'mean' else torch.cat([feat.mean(2), feat.std(2, correction=0)], 1)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..registry import SAMPLERS
+from ..utils.device import placement
 from ..utils.errors import ConfigError, InputError
 from .grouping import GroupAssigner, check_confidence
 from .patches import PatchGrid, blend_window
@@ -243,7 +244,7 @@ class PatchGroupSampler:
                 raise ConfigError(f'{len(denoiser)} denoisers given for {len(devices)} devices')
             return list(denoiser)
         if isinstance(denoiser, torch.nn.Module) and self.devices:
-            home = next(denoiser.parameters(), torch.empty(0)).device
+            home = placement(denoiser)[0]
             same = [torch.device(d).type == home.type and (torch.device(d).index or 0) == (home.index or 0)
                     for d in devices]
             return [denoiser if s else copy.deepcopy(denoiser).to(d) for d, s in zip(devices, same)]

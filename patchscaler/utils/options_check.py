@@ -38,7 +38,7 @@ def check_keys(where, given, known):
             raise ConfigError(f"unknown option '{where}{key}'{_suggest(key, known)}")
 
 
-def _registry_get(registry, name, where):
+def registry_get(registry, name, where):
     try:
         cls = registry.get(name)  # BasicSR's registries raise KeyError, mmengine's return None
     except KeyError:
@@ -55,7 +55,7 @@ def build_from_registry(registry, opt, where):
     if not isinstance(opt, dict) or 'type' not in opt:
         raise ConfigError(f"{where} must be a mapping with a 'type', got {opt!r}")
     kwargs = dict(opt)
-    cls = _registry_get(registry, kwargs.pop('type'), where)
+    cls = registry_get(registry, kwargs.pop('type'), where)
     check_signature(cls, kwargs, where)
     return cls(**kwargs)
 
@@ -88,7 +88,7 @@ def _check_dataset(phase, ds):
     where = f'datasets.{phase}'
     if not isinstance(ds, dict) or 'type' not in ds:
         raise ConfigError(f"{where} must be a mapping with a 'type'")
-    cls = _registry_get(DATASET_REGISTRY, ds['type'], where)
+    cls = registry_get(DATASET_REGISTRY, ds['type'], where)
     known = getattr(cls, 'OPTION_KEYS', None)
     if known is not None:
         check_keys(f'{where}.', ds, known)
@@ -116,7 +116,7 @@ def _check_train_section(train):
         if key.endswith('_opt'):
             if 'type' not in value:
                 raise ConfigError(f"train.{key} must have a 'type'")
-            check_signature(_registry_get(LOSS_REGISTRY, value['type'], f'train.{key}'),
+            check_signature(registry_get(LOSS_REGISTRY, value['type'], f'train.{key}'),
                             {k: v for k, v in value.items() if k != 'type'}, f'train.{key}')
 
 
@@ -125,7 +125,7 @@ def _check_metrics(metrics):
     for name, metric in metrics.items():
         if not isinstance(metric, dict) or 'type' not in metric:
             raise ConfigError(f"val.metrics.{name} must be a mapping with a 'type'")
-        _registry_get(METRIC_REGISTRY, metric['type'], f'val.metrics.{name}')
+        registry_get(METRIC_REGISTRY, metric['type'], f'val.metrics.{name}')
 
 
 def check_options(opt):
@@ -141,7 +141,7 @@ def check_options(opt):
     for key in opt:
         if key not in TOP_LEVEL_KEYS and not key.startswith('network_'):
             raise ConfigError(f"unknown option '{key}'{_suggest(key, TOP_LEVEL_KEYS)}")
-    model_cls = _registry_get(MODEL_REGISTRY, opt['model_type'], 'model_type')
+    model_cls = registry_get(MODEL_REGISTRY, opt['model_type'], 'model_type')
     for section, known in SECTION_KEYS.items():
         if opt.get(section) is not None and not isinstance(opt[section], dict):
             raise ConfigError(f"'{section}' must be a mapping")
@@ -165,11 +165,11 @@ def check_options(opt):
         if key.startswith('network_'):
             if not isinstance(net, dict) or 'type' not in net:
                 raise ConfigError(f"{key} must be a mapping with a 'type'")
-            check_signature(_registry_get(ARCH_REGISTRY, net['type'], key), {k: v for k, v in net.items()
+            check_signature(registry_get(ARCH_REGISTRY, net['type'], key), {k: v for k, v in net.items()
                                                                                   if k != 'type'}, key)
     if isinstance(opt.get('autoencoder'), dict) and 'type' in opt['autoencoder']:
         ae = opt['autoencoder']
-        check_signature(_registry_get(ARCH_REGISTRY, ae['type'], 'autoencoder'),
+        check_signature(registry_get(ARCH_REGISTRY, ae['type'], 'autoencoder'),
                         {k: v for k, v in ae.items() if k != 'type'}, 'autoencoder')
     if opt.get('sampler'):
         from patchscaler.sampling import build_sampler
