@@ -10,7 +10,7 @@ import torch
 from basicsr.utils import tensor2img
 
 from patchscaler.utils.device import placement
-from patchscaler.utils.visualize import labelled_strip
+from patchscaler.utils.visualize import caption_bar, labelled_strip
 
 
 def _decode(autoencoder, latents, tile):
@@ -22,10 +22,7 @@ def _decode(autoencoder, latents, tile):
             for im in tensor2img(list(rgb), rgb2bgr=True, min_max=(0, 1))]
 
 
-def _title(text, width):
-    bar = np.full((26, width, 3), 255, np.uint8)
-    cv2.putText(bar, text, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    return bar
+_TITLE = {'height': 26, 'scale': 0.55, 'baseline': 18}
 
 
 def _pad_to(img, width):
@@ -45,12 +42,14 @@ def rtm_preview(rtm, autoencoder, queries=None, k=None, count=48, columns=12, ti
         row += [np.full((tile, tile, 3), 255, np.uint8)] * (columns - len(row))
         rows.append(np.concatenate([np.pad(t, ((gap, gap), (gap, gap), (0, 0)), constant_values=255) for t in row], 1))
     grid = np.concatenate(rows, 0)
-    parts = [_title(f'RTM: {len(rtm)} patches of {rtm.latent_channels}x{rtm.patch_size}^2 latents; the first {n} '
-                    'in farthest-point order', grid.shape[1]), grid]
+    title = (f'RTM: {len(rtm)} patches of {rtm.latent_channels}x{rtm.patch_size}^2 latents; the first {n} in '
+             'farthest-point order')
+    parts = [caption_bar(title, grid.shape[1], **_TITLE), grid]
     if queries is not None and len(queries):
         k = min(k or rtm.top_k, len(rtm))
         priors, sims = rtm.query(queries, k)
-        parts.append(_title(f'queries (not in the memory) and their top-{k} priors, cosine similarity', grid.shape[1]))
+        parts.append(caption_bar(f'queries (not in the memory) and their top-{k} priors, cosine similarity',
+                                 grid.shape[1], **_TITLE))
         for q, pri, s in zip(queries, priors, sims):
             ims = _decode(autoencoder, torch.cat([q[None], pri]), tile)
             labels = ['query'] + [f'{float(v):.3f}' for v in s]

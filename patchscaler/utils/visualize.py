@@ -15,6 +15,13 @@ def confidence_to_bgr(confidence, size=None, colormap=cv2.COLORMAP_VIRIDIS):
     return img
 
 
+def caption_bar(text, width, height=22, scale=0.5, baseline=16):
+    """A white (height, width) uint8 BGR bar with ``text`` in black, for captions above pictures."""
+    bar = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(bar, text, (4, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return bar
+
+
 def labelled_strip(images, labels, height=None):
     """Put uint8 BGR images side by side with a caption above each; all resized to one height."""
     height = height or max(im.shape[0] for im in images)
@@ -24,11 +31,9 @@ def labelled_strip(images, labels, height=None):
             im = cv2.cvtColor(im, cv2.COLOR_GRAY2BGR)
         w = max(1, round(im.shape[1] * height / im.shape[0]))
         im = cv2.resize(im, (w, height), interpolation=cv2.INTER_NEAREST)
-        bar = np.full((22, w, 3), 255, np.uint8)
         text_w = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)[0][0]
         scale = 0.5 * min(1.0, (w - 8) / max(text_w, 1))  # narrow tiles get a smaller font, not a cut label
-        cv2.putText(bar, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
-        tiles.append(np.concatenate([bar, im], axis=0))
+        tiles.append(np.concatenate([caption_bar(label, w, scale=scale), im], axis=0))
         tiles.append(np.full((height + 22, 4, 3), 255, np.uint8))
     return np.concatenate(tiles[:-1], axis=1)
 
