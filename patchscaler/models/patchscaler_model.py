@@ -1,20 +1,29 @@
 """PatchScalerModel: BasicSR's training/validation interface around the PatchScaler pipeline.
 
-Stage ``grm`` (this file today): the frozen autoencoder encodes the bicubic-upsampled LR image (y_LR) and
-the HR image (x_HR); the GRM predicts y_HR and the confidence C and is trained with the confidence-driven
-loss (Eq. 1). Validation decodes y_HR, reports PSNR/SSIM through BasicSR's metrics next to the same
-metrics of plain bicubic upsampling (the number the GRM must beat), and saves the SR image, the confidence
-map and a side-by-side strip. The diffusion stage (Patch-DiT + PGS) is added to this class later; its
-options live under the same keys (``train.stage``).
+Two training stages under ``train.stage``:
 
-With a ``sampler`` option (a PGS options dict or the path of a file such as
-``options/samplers/pgs_paper.yml``), validation also grades the GRM's confidence the way PGS will (Eq. 2),
-logs the share of patches per group and the NFE ratio PGS would need against uniform sampling, and saves
-the Qmap/group overlay (``*_pgs.png``).
+* ``grm``: the frozen autoencoder encodes the bicubic-upsampled LR image (y_LR) and the HR image (x_HR);
+  the GRM predicts y_HR and the confidence C, trained with the confidence-driven loss (Eq. 1).
+* ``full`` (the paper's recipe, section 4.1): the GRM trains as above for the first ``grm_iters`` iterations
+  and is frozen afterwards; Patch-DiT (with the texture encoder) trains throughout on ``patches_per_image``
+  random V×V crops of the latents: x0 = HR latent patch, y0 = GRM's coarse patch (detached),
+  t ~ U[0, T), x_t from Eq. 4, the x0-prediction loss (``x0_opt``, L2 by default), the texture prompt
+  retrieved from the RTM for the y0 patches. EMA of Patch-DiT + encoder (BasicSR's ``ema_decay``),
+  gradient clipping, optional ``autocast: bf16``. The T and ᾱ of Eq. 4 are the sampler's, so training and
+  PGS share one noise schedule.
+
+Validation runs the whole pipeline (:mod:`patchscaler.models.pipeline`: GRM -> PGS -> decode -> color fix)
+and logs every metric for the final SR, the GRM's decoded y_HR and plain bicubic, plus the PGS grading, the
+NFE done and the time per image; it saves the SR image, the confidence map, a strip
+(bicubic / GRM / PatchScaler / HR / confidence) and the Qmap/group overlay (``*_pgs.png``).
+
+Checkpoints: ``net_grm``, ``net_dit`` and ``net_texture`` (``params`` + ``params_ema``), so BasicSR's
+``--auto_resume`` finds every network by its ``network_*`` option name.
 
 Training data comes HR-only with Real-ESRGAN kernels (:class:`RealESRGANHRDataset`) and is degraded here,
 on the model's device, by :class:`RealESRGANDegradation`. Paired data (``lq``/``gt``) is used as is.
 """
+import copy
 from collections import OrderedDict
 from os import path as osp
 
@@ -24,27 +33,43 @@ from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
 from patchscaler.data.degradation import RealESRGANDegradation
+from patchscaler.models.pipeline import PatchScalerPipeline, autocast_dtype, build_denoiser, build_rtm_for
+from patchscaler.models.validation import STAGE_SUFFIXES, log_metrics, log_pgs, save_visuals
 from patchscaler.sampling import build_sampler
+from patchscaler.sampling.schedules import q_sample
+from patchscaler.utils.checkpoint import load_weights
 from patchscaler.utils.errors import ConfigError
-from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay
 
-STAGES = ('grm',)
+STAGES = ('grm', 'full')
+
+
+def random_patches(tensors, size, count, generator=None):
+    """``count`` random size×size crops per image, at the same positions in every tensor: (B·count, c, V, V)."""
+    b, _, h, w = tensors[0].shape
+    tops = torch.randint(0, h - size + 1, (b, count), generator=generator)
+    lefts = torch.randint(0, w - size + 1, (b, count), generator=generator)
+    out = []
+    for x in tensors:
+        out.append(torch.stack([x[i, :, top:top + size, left:left + size] for i in range(b)
+                                for top, left in zip(tops[i].tolist(), lefts[i].tolist())]))
+    return out
 
 
 @MODEL_REGISTRY.register()
 class PatchScalerModel(BaseModel):
-    """Options: ``scale``, ``autoencoder`` (frozen first stage), ``network_grm``, ``degradation`` (training
-    only), ``train`` (see :attr:`TRAIN_OPTION_KEYS`), ``val`` (metrics as in BasicSR)."""
+    """Options: ``scale``, ``autoencoder`` (frozen first stage), ``network_grm``, ``network_dit`` and
+    ``network_texture`` (stage ``full``), ``rtm``, ``sampler``, ``color_fix``, ``tile``, ``degradation``
+    (training only), ``train`` (see :attr:`TRAIN_OPTION_KEYS`), ``val`` (metrics as in BasicSR)."""
 
     REQUIRED_OPTION_KEYS = ('scale', 'autoencoder', 'network_grm')
-    TRAIN_OPTION_KEYS = {'stage', 'total_iter', 'warmup_iter', 'optim_grm', 'scheduler', 'confidence_opt',
-                         'grad_clip', 'gt_size'}
+    TRAIN_OPTION_KEYS = {'stage', 'total_iter', 'warmup_iter', 'optim_grm', 'optim_g', 'scheduler', 'confidence_opt',
+                         'x0_opt', 'grad_clip', 'gt_size', 'grm_iters', 'patches_per_image', 'ema_decay', 'autocast'}
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -55,14 +80,36 @@ class PatchScalerModel(BaseModel):
         self.autoencoder = build_autoencoder(opt['autoencoder']).to(self.device)
         self.net_grm = self.model_to_device(build_network(opt['network_grm']))
         self.print_network(self.net_grm)
-        self.sampler = build_sampler(opt['sampler']) if opt.get('sampler') else None
-        self.pgs_groups = None
-        load_path = opt['path'].get('pretrain_network_grm')
-        if load_path is not None:
-            self.load_network(self.net_grm, load_path, opt['path'].get('strict_load_grm', True),
-                              opt['path'].get('param_key_grm', 'params'))
+        denoiser = build_denoiser(opt)
+        self.net_g = self.model_to_device(denoiser) if denoiser is not None else None
+        if denoiser is not None:
+            self.print_network(self.net_g)
+        sampler_opt = opt.get('sampler') or ({'type': 'PatchGroupSampler', 'patch_size': denoiser.patch_size}
+                                             if denoiser is not None else None)
+        self.sampler = build_sampler(sampler_opt) if sampler_opt else None
+        self.rtm = build_rtm_for(opt, self.autoencoder, denoiser, self.device)
+        self.pgs_groups = self.report = None
+        self._load_pretrained(self.net_grm, 'grm')
+        if denoiser is not None:
+            self._load_pretrained(denoiser.dit, 'dit')
+            if denoiser.texture_encoder is not None:
+                self._load_pretrained(denoiser.texture_encoder, 'texture')
+        self.color_fix = opt.get('color_fix', True)
+        self.tile, self.tile_overlap = opt.get('tile'), opt.get('tile_overlap', 64)
+        self.net_g_ema = None
         if self.is_train:
             self.init_training_settings()
+
+    def _load_pretrained(self, net, name, param_key=None):
+        load_path = self.opt['path'].get(f'pretrain_network_{name}')
+        if load_path is not None:
+            key = param_key or self.opt['path'].get(f'param_key_{name}', 'params')
+            self.load_network(net, load_path, self.opt['path'].get(f'strict_load_{name}', True), key)
+
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """BasicSR's, with one-line errors for a file from another configuration (and weights_only loading)."""
+        load_weights(self.get_bare_model(net), load_path, param_key, strict, where=type(net).__name__)
+        get_root_logger().info(f'Loaded {type(net).__name__} [{param_key}] from {load_path}')
 
     # ------------------------------------------------------------------ training
     def init_training_settings(self):
@@ -70,19 +117,49 @@ class PatchScalerModel(BaseModel):
         self.stage = train_opt.get('stage', 'grm')
         if self.stage not in STAGES:
             raise ConfigError(f'train.stage must be one of {STAGES}, got {self.stage!r}')
+        if self.stage == 'full' and self.net_g is None:
+            raise ConfigError("train.stage 'full' trains Patch-DiT: add network_dit (and network_texture + rtm)")
+        self.grm_iters = int(train_opt.get('grm_iters', train_opt.get('total_iter', 0))) if self.stage == 'full' \
+            else float('inf')
+        if self.stage == 'full' and self.grm_iters <= 0 and self.opt['path'].get('pretrain_network_grm') is None:
+            get_root_logger().warning('grm_iters is 0 and no pretrain_network_grm is given: Patch-DiT learns to '
+                                      'refine an untrained GRM')
         self.net_grm.train()
         self.cri_confidence = build_loss(dict(train_opt.get('confidence_opt', {'type': 'ConfidenceLoss'})))
         self.cri_confidence = self.cri_confidence.to(self.device)
         self.grad_clip = train_opt.get('grad_clip')
         self.gt_size = train_opt.get('gt_size')
+        self.autocast = autocast_dtype(train_opt.get('autocast'))
         self.degradation = RealESRGANDegradation(self.opt.get('degradation'), self.device)
-
         optim_opt = dict(train_opt['optim_grm'])
-        params = [p for p in self.net_grm.parameters() if p.requires_grad]
-        self.optimizer_grm = self.get_optimizer(optim_opt.pop('type'), params, **optim_opt)
+        self.optimizer_grm = self.get_optimizer(optim_opt.pop('type'), list(self.net_grm.parameters()), **optim_opt)
         self.optimizers.append(self.optimizer_grm)
+        if self.stage == 'full':
+            self._init_diffusion_training(train_opt)
         self.setup_schedulers()
 
+    def _init_diffusion_training(self, train_opt):
+        v = self.get_bare_model(self.net_g).patch_size
+        d = self.autoencoder.downscale_factor
+        if self.gt_size and self.gt_size // d < v:
+            raise ConfigError(f'train.gt_size {self.gt_size} gives a {self.gt_size // d}² latent, smaller than '
+                              f'the V={v} patches Patch-DiT trains on')
+        self.patches_per_image = int(train_opt.get('patches_per_image', 8))
+        self.cri_x0 = build_loss(dict(train_opt.get('x0_opt', {'type': 'MSELoss'}))).to(self.device)
+        self.alphas_cumprod = self.sampler.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        if 'optim_g' not in train_opt:
+            raise ConfigError("train.stage 'full' needs train.optim_g (Patch-DiT + texture encoder optimizer)")
+        optim_opt = dict(train_opt['optim_g'])
+        self.optimizer_g = self.get_optimizer(optim_opt.pop('type'), list(self.net_g.parameters()), **optim_opt)
+        self.optimizers.append(self.optimizer_g)
+        self.net_g.train()
+        self.ema_decay = float(train_opt.get('ema_decay', 0) or 0)
+        if self.ema_decay > 0:
+            self.net_g_ema = copy.deepcopy(self.get_bare_model(self.net_g)).eval().requires_grad_(False)
+            ema = self.net_g_ema
+            self._load_pretrained(ema.dit, 'dit', 'params_ema')
+            if ema.texture_encoder is not None:
+                self._load_pretrained(ema.texture_encoder, 'texture', 'params_ema')
     def feed_data(self, data):
         """Training batches with kernels are degraded here; paired batches are used as given."""
         if self.is_train and 'kernel1' in data:
@@ -97,40 +174,95 @@ class PatchScalerModel(BaseModel):
         padded, size = pad_to_multiple(up, self.autoencoder.downscale_factor)
         return self.autoencoder.encode(padded), up, size
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
     def optimize_parameters(self, current_iter):
         with torch.no_grad():
             y_lr, _, _ = self.encode_lr(self.lq)
             x_hr = self.autoencoder.encode(pad_to_multiple(self.gt, self.autoencoder.downscale_factor)[0])
-        self.optimizer_grm.zero_grad(set_to_none=True)
-        y_hr, confidence = self.net_grm(y_lr)
-        l_conf = self.cri_confidence(y_hr, x_hr, confidence)
-        l_conf.backward()
+        log = OrderedDict()
+        if current_iter <= self.grm_iters:
+            self.optimizer_grm.zero_grad(set_to_none=True)
+            with self._autocast():
+                y_hr, confidence = self.net_grm(y_lr)
+            y_hr, confidence = y_hr.float(), confidence.float()
+            l_conf = self.cri_confidence(y_hr, x_hr, confidence)
+            l_conf.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.net_grm.parameters(), self.grad_clip)
+            self.optimizer_grm.step()
+            log.update(l_conf=l_conf.detach(), l1_latent=(y_hr - x_hr).abs().mean().detach(),
+                       mean_confidence=confidence.mean().detach())
+            y0 = y_hr.detach()
+        else:
+            if self.net_grm.training:  # frozen from here on (section 4.1: the GRM trains for the first grm_iters)
+                get_root_logger().info(f'iter {current_iter}: GRM frozen after {self.grm_iters} iterations')
+                self.net_grm.eval().requires_grad_(False)
+            with torch.no_grad(), self._autocast():
+                y0 = self.net_grm(y_lr)[0].float()
+        if self.stage == 'full':
+            log.update(self._diffusion_step(x_hr, y0))
+        self.log_dict = self.reduce_loss_dict(log)
+
+    def _diffusion_step(self, x_hr, y0):
+        """One x0-prediction step of Patch-DiT on random V×V latent crops: x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε."""
+        net = self.get_bare_model(self.net_g)
+        x0, y0 = random_patches([x_hr, y0], net.patch_size, self.patches_per_image)
+        t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), device=self.device)
+        a_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = q_sample(x0, torch.randn_like(x0), a_bar)
+        self.optimizer_g.zero_grad(set_to_none=True)
+        with self._autocast():
+            cond = {'y0': y0}
+            if self.rtm is not None:
+                priors, sims = self.rtm.query(y0)
+                cond.update(net.encode_prompt(priors, sims))
+            pred = self.net_g(x_t, t, cond)
+        l_x0 = self.cri_x0(pred.float(), x0)
+        l_x0.backward()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net_grm.parameters(), self.grad_clip)
-        self.optimizer_grm.step()
-        self.log_dict = self.reduce_loss_dict(OrderedDict(
-            l_conf=l_conf.detach(), l1_latent=(y_hr - x_hr).abs().mean().detach(),
-            mean_confidence=confidence.mean().detach()))
+            torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
+        self.optimizer_g.step()
+        if self.net_g_ema is not None:
+            self.model_ema(self.ema_decay)
+        # l_x0_coarse: the same loss for x0 = y0, what Patch-DiT must beat
+        return OrderedDict(l_x0=l_x0.detach(), l_x0_coarse=F.mse_loss(y0, x0).detach())
 
     # ------------------------------------------------------------------ inference
+    def pipeline(self):
+        """The inference pipeline on this model's networks (bare, EMA weights when there are any)."""
+        denoiser = self.net_g_ema if self.net_g_ema is not None else (
+            self.get_bare_model(self.net_g) if self.net_g is not None else None)
+        return PatchScalerPipeline(self.autoencoder, self.get_bare_model(self.net_grm), self.scale, denoiser,
+                                   self.sampler, self.rtm, color_fix=self.color_fix, tile=self.tile,
+                                   tile_overlap=self.tile_overlap, autocast=self.opt.get('autocast'))
+
     @torch.no_grad()
     def test(self):
-        """GRM on ``self.lq``: sets ``output`` (decoded y_HR), ``confidence``, ``bicubic``."""
-        grm = self.get_bare_model(self.net_grm)  # bare: DDP would wait for ranks that do not validate
-        was_training = grm.training
-        grm.eval()
-        y_lr, self.bicubic, (h, w) = self.encode_lr(self.lq)
-        y_hr, confidence = grm(y_lr)
-        self.output = self.autoencoder.decode(y_hr)[..., :h, :w].clamp(0, 1)
-        d = self.autoencoder.downscale_factor
-        self.confidence = confidence[..., :-(-h // d), :-(-w // d)]
-        if self.sampler is not None:  # Eq. 2 on this image: what PGS will do with it
-            self.pgs_groups = self.sampler.assign(self.confidence, (y_hr.shape[0], 1, *self.confidence.shape[-2:]))
-        grm.train(was_training)
+        """The pipeline on ``self.lq``: sets ``output`` (final SR), ``grm_output``, ``confidence``, ``bicubic``."""
+        nets = [self.get_bare_model(n) for n in (self.net_grm, self.net_g) if n is not None]
+        modes = [n.training for n in nets]  # bare: DDP would wait for ranks that do not validate
+        for n in nets:
+            n.eval()
+        out = self.pipeline()(self.lq, seed=self.opt.get('manual_seed'))
+        for n, m in zip(nets, modes):
+            n.train(m)
+        self.output, self.bicubic, self.confidence, self.report = out.sr, out.bicubic, out.confidence, out.report
+        self.grm_output = out.grm if out.report is not None else None
+        self.pgs_groups = None
+        if out.report is not None:
+            r = out.report
+            self.pgs_groups = (r.groups, r.qmap, r.thresholds, r.grid)
+        elif self.sampler is not None:  # Eq. 2 on this image: what PGS will do with it
+            shape = (self.lq.shape[0], 1, *self.confidence.shape[-2:])
+            self.pgs_groups = self.sampler.assign(self.confidence, shape)
 
     def get_current_visuals(self):
         out = OrderedDict(lq=self.lq.detach().cpu(), result=self.output.detach().cpu(),
                           bicubic=self.bicubic.detach().cpu(), confidence=self.confidence.detach().cpu())
+        if self.grm_output is not None:
+            out['grm'] = self.grm_output.detach().cpu()
         if self.gt is not None:
             out['gt'] = self.gt.detach().cpu()
         return out
@@ -142,7 +274,7 @@ class PatchScalerModel(BaseModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         metrics = self.opt['val'].get('metrics') or {}
-        sums, count, skipped, pgs_counts = {}, 0, [], []
+        sums, count, skipped, pgs_counts, nfe_done, seconds, images = {}, 0, [], [], 0, 0.0, 0
         for val_data in tqdm(dataloader, desc=f'val {dataset_name}', unit='img', leave=False,
                              disable=not self.opt['val'].get('pbar', True)):
             name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
@@ -153,78 +285,43 @@ class PatchScalerModel(BaseModel):
             self.test()
             visuals = self.get_current_visuals()
             sr_img = tensor2img([visuals['result']])
+            images += 1
+            if self.report is not None:
+                nfe_done, seconds = nfe_done + self.report.nfe_total, seconds + self.report.seconds
             if save_img:
-                self._save_visuals(visuals, sr_img, name, dataset_name, current_iter)
+                save_visuals(self, visuals, sr_img, name, dataset_name, current_iter)
             if self.pgs_groups is not None:
                 pgs_counts.append(self.pgs_groups[0].flatten())
             if 'gt' in visuals:
-                gt_img, bic_img = tensor2img([visuals['gt']]), tensor2img([visuals['bicubic']])
+                gt_img = tensor2img([visuals['gt']])
+                outputs = {'': sr_img, '_bicubic': tensor2img([visuals['bicubic']])}
+                if 'grm' in visuals:
+                    outputs['_grm'] = tensor2img([visuals['grm']])
                 for metric, metric_opt in metrics.items():
-                    sums[metric] = sums.get(metric, 0.0) + calculate_metric({'img': sr_img, 'img2': gt_img}, metric_opt)
-                    sums[f'{metric}_bicubic'] = sums.get(f'{metric}_bicubic', 0.0) + calculate_metric(
-                        {'img': bic_img, 'img2': gt_img}, metric_opt)
+                    for suffix, _ in STAGE_SUFFIXES:
+                        if suffix in outputs:
+                            key = f'{metric}{suffix}'
+                            sums[key] = sums.get(key, 0.0) + calculate_metric(
+                                {'img': outputs[suffix], 'img2': gt_img}, metric_opt)
                 count += 1
         if skipped:
             get_root_logger().warning(f'{dataset_name}: skipped {len(skipped)} unreadable image(s):\n  ' +
                                       '\n  '.join(skipped))
         self.metric_results = {k: v / count for k, v in sums.items()} if count else {}
-        self._log_metrics(current_iter, dataset_name, tb_logger)
+        log_metrics(self, current_iter, dataset_name, tb_logger)
         if pgs_counts:
-            self._log_pgs(torch.cat(pgs_counts), dataset_name, current_iter, tb_logger)
-
-    def _log_pgs(self, groups, dataset_name, current_iter, tb_logger):
-        s = self.sampler
-        nfe, uniform = s.nfe(groups)
-        shares = [float((groups == g).float().mean()) for g in range(len(s.groups))]
-        parts = ', '.join(f'{n} {100 * f:.1f}%' for n, f in zip(s.group_names, shares))
-        get_root_logger().info(f'PGS grading of {dataset_name} ({groups.numel()} patches of {s.patch_size}² latent): '
-                               f'{parts}; NFE {nfe} vs {uniform} uniform = {nfe / max(uniform, 1):.2f}x')
-        if tb_logger:
-            tb_logger.add_scalar(f'pgs/{dataset_name}/nfe_ratio', nfe / max(uniform, 1), current_iter)
-            for n, f in zip(s.group_names, shares):
-                tb_logger.add_scalar(f'pgs/{dataset_name}/share_{n}', f, current_iter)
-
-    def _log_metrics(self, current_iter, dataset_name, tb_logger):
-        if not self.metric_results:
-            return
-        self._initialize_best_metric_results(dataset_name)
-        lines = [f'Validation {dataset_name}']
-        for metric, best in self.best_metric_results[dataset_name].items():
-            value = self.metric_results.get(metric)
-            if value is None:
-                continue
-            self._update_best_metric_result(dataset_name, metric, value, current_iter)
-            bicubic = self.metric_results.get(f'{metric}_bicubic')
-            gain = value - bicubic if best['better'] == 'higher' else bicubic - value  # positive = better
-            lines.append(f'\t # {metric}: {value:.4f}\t(bicubic: {bicubic:.4f}, gain {gain:+.4f})'
-                         f'\tBest: {best["val"]:.4f} @ {best["iter"]} iter')
-        get_root_logger().info('\n'.join(lines))
-        if tb_logger:
-            for metric, value in self.metric_results.items():
-                tb_logger.add_scalar(f'metrics/{dataset_name}/{metric}', value, current_iter)
-
-    def _save_visuals(self, visuals, sr_img, name, dataset_name, current_iter):
-        if self.opt['is_train']:
-            folder, suffix = osp.join(self.opt['path']['visualization'], name), f'{name}_{current_iter}'
-        else:
-            folder = osp.join(self.opt['path']['visualization'], dataset_name)
-            suffix = f'{name}_{self.opt["val"].get("suffix") or self.opt["name"]}'
-        imwrite(sr_img, osp.join(folder, f'{suffix}.png'))
-        h, w = sr_img.shape[:2]
-        conf_img = confidence_to_bgr(visuals['confidence'][0].numpy(), size=(w, h))
-        imwrite(conf_img, osp.join(folder, f'{suffix}_confidence.png'))
-        tiles = [tensor2img([visuals['bicubic']]), sr_img, conf_img]
-        labels = ['bicubic', 'GRM y_HR', 'confidence C']
-        if 'gt' in visuals:
-            tiles.insert(2, tensor2img([visuals['gt']]))
-            labels.insert(2, 'HR')
-        imwrite(labelled_strip(tiles, labels), osp.join(folder, f'{suffix}_compare.png'))
-        if self.pgs_groups is not None:
-            groups, qmap, _, grid = self.pgs_groups
-            imwrite(qmap_overlay(sr_img, qmap[0], groups[0], grid, self.sampler.group_names),
-                    osp.join(folder, f'{suffix}_pgs.png'))
+            diffusion = self.net_g is not None
+            log_pgs(self.sampler, torch.cat(pgs_counts), dataset_name, current_iter, tb_logger,
+                    nfe_done if diffusion else None, seconds, images)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch, current_iter):
         self.save_network(self.net_grm, 'net_grm', current_iter)
+        if self.net_g is not None:
+            net = self.get_bare_model(self.net_g)
+            ema = self.net_g_ema or net
+            self.save_network([net.dit, ema.dit], 'net_dit', current_iter, ['params', 'params_ema'])
+            if net.texture_encoder is not None:
+                self.save_network([net.texture_encoder, ema.texture_encoder], 'net_texture', current_iter,
+                                  ['params', 'params_ema'])
         self.save_training_state(epoch, current_iter)

@@ -94,3 +94,35 @@ def safe_torch_load(path, map_location='cpu'):
     """``torch.load(path, weights_only=True)`` with one-line errors."""
     with explain_load_errors(path):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_weights(net, path, param_key='params', strict=True, where='network'):
+    """Load a BasicSR network file (``{param_key: state_dict}``) into ``net``, with one-line errors.
+
+    ``param_key`` falls back to the other of 'params' / 'params_ema' when the file has only that one.
+    A file written for another configuration (other shapes, other layers) is a :class:`CheckpointError`
+    that names the first differences, not torch's page of size mismatches.
+    """
+    state = safe_torch_load(path)
+    if isinstance(state, dict) and param_key not in state:
+        other = {'params': 'params_ema', 'params_ema': 'params'}.get(param_key)
+        param_key = other if other in state else param_key
+    if isinstance(state, dict) and param_key in state:
+        state = state[param_key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f'{path} holds no state_dict of tensors (under {param_key!r}) for {where}')
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    own = net.state_dict()
+    shapes = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if shapes or (strict and (missing or unexpected)):
+        parts = [f'{len(shapes)} shape(s) differ (file vs model), e.g. {shapes[0]}'] if shapes else []
+        if strict and missing:
+            parts.append(f'{len(missing)} missing, e.g. {missing[0]}')
+        if strict and unexpected:
+            parts.append(f'{len(unexpected)} unexpected, e.g. {unexpected[0]}')
+        raise CheckpointError(f'{path} does not fit {where} ({"; ".join(parts)}): it was written for another '
+                              f'configuration; use the option file it was trained with')
+    net.load_state_dict(state, strict=strict)
+    return net

@@ -1,0 +1,213 @@
+"""The PatchScaler inference pipeline, one image batch at a time (section 3, Fig. 2)::
+
+    LR -> bicubic ×s -> AE.encode -> y_LR -> GRM -> (y_HR, C) -> PGS with Patch-DiT + texture prompt
+       -> x̂_HR -> AE.decode -> wavelet color fix against the bicubic LR -> SR
+
+Used by :class:`PatchScalerModel` for validation/testing and by ``tools/infer.py``. Each stage is timed
+(``PipelineOutput.seconds``: encode, grm, pgs, decode, color_fix), CUDA-synchronised.
+
+* :class:`PromptedPatchDiT` joins Patch-DiT and the texture encoder into the one denoiser that is trained,
+  EMA-averaged and handed to PGS: ``forward(x_t, t, cond)`` with ``cond = {y0, prompt, prompt_bias}``.
+* The texture prompt is made in PGS's ``prepare_cond``: once per batch of patches, RTM retrieval on the
+  y0 patches (Algorithm 1) then the texture encoder, reused for all of their denoising steps.
+* Large images: the autoencoder's encode and decode run in overlapping tiles when a side exceeds
+  ``tile`` pixels (``tile_overlap`` blended), so memory stays bounded; PGS is patch-wise already.
+* ``autocast`` ('bf16' / 'fp16' / None) covers the GRM and Patch-DiT; the autoencoder stays in fp32.
+* The wavelet color fix (section 4.1) applies to the diffusion output only: it corrects the colour drift
+  of sampling; the GRM's regression output (``refine=False``, or no Patch-DiT) is returned as decoded.
+"""
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patchscaler.archs.autoencoder_arch import pad_to_multiple
+from patchscaler.utils.color_fix import wavelet_color_fix
+from patchscaler.utils.errors import ConfigError, InputError
+from patchscaler.utils.tiling import tiled_apply
+from patchscaler.utils.timing import _sync
+
+AUTOCAST = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
+
+
+def autocast_dtype(name):
+    if name in (None, False, 'none', 'fp32'):
+        return None
+    if name not in AUTOCAST:
+        raise ConfigError(f"autocast must be one of {sorted(AUTOCAST)} or none, got {name!r}")
+    return AUTOCAST[name]
+
+
+class PromptedPatchDiT(nn.Module):
+    """Patch-DiT with its (optional) texture encoder: the denoiser PGS calls, ``forward(x_t, t, cond)``."""
+
+    def __init__(self, dit, texture_encoder=None):
+        super().__init__()
+        if texture_encoder is not None:
+            if dit.prompt_dim != texture_encoder.dim:
+                raise ConfigError(f'network_dit.prompt_dim ({dit.prompt_dim}) must equal network_texture.dim '
+                                  f'({texture_encoder.dim})')
+            if (texture_encoder.in_channels, texture_encoder.input_size) != (dit.in_channels, dit.input_size):
+                raise ConfigError(f'network_texture (in_channels, input_size) = ({texture_encoder.in_channels}, '
+                                  f'{texture_encoder.input_size}) must match network_dit\'s '
+                                  f'({dit.in_channels}, {dit.input_size})')
+        elif dit.prompt_dim:
+            raise ConfigError('network_dit has prompt_dim set but there is no network_texture; drop prompt_dim for '
+                              'the no-prompt ablation or add network_texture and rtm')
+        self.dit = dit
+        self.texture_encoder = texture_encoder
+
+    @property
+    def patch_size(self):
+        return self.dit.input_size
+
+    def encode_prompt(self, priors, similarities):
+        tokens, bias = self.texture_encoder(priors, similarities)
+        return {'prompt': tokens, 'prompt_bias': bias}
+
+    def forward(self, x_t, t, cond):
+        return self.dit(x_t, t, cond['y0'], cond.get('prompt'), cond.get('prompt_bias'))
+
+
+def make_prompt_fn(denoiser, rtm, top_k=None):
+    """PGS ``prepare_cond``: retrieve the top-K priors for a batch of y0 patches and encode the prompt."""
+    if rtm is None or denoiser.texture_encoder is None:
+        return None
+
+    def prepare(cond):
+        priors, sims = rtm.query(cond['y0'], top_k)
+        return {**cond, **denoiser.encode_prompt(priors, sims)}
+    return prepare
+
+
+@dataclass
+class PipelineOutput:
+    sr: torch.Tensor  # (B, 3, H·s, W·s) in [0, 1]
+    grm: torch.Tensor  # decoded y_HR, the GRM's coarse answer
+    bicubic: torch.Tensor
+    confidence: torch.Tensor  # (B, 1, h, w) over the latent of the output
+    report: object = None  # PGSReport, None without a denoiser
+    seconds: OrderedDict = field(default_factory=OrderedDict)
+
+
+class PatchScalerPipeline:
+    """Args: autoencoder, grm, scale; denoiser (PromptedPatchDiT | None: GRM only), sampler (PGS), rtm,
+    top_k; color_fix (bool); tile, tile_overlap (pixels of the HR image; None = never tile); autocast."""
+
+    def __init__(self, autoencoder, grm, scale, denoiser=None, sampler=None, rtm=None, top_k=None, color_fix=True,
+                 tile=None, tile_overlap=64, autocast=None):
+        if denoiser is not None and sampler is None:
+            raise ConfigError('a Patch-DiT needs a sampler (PGS options) to run')
+        if denoiser is not None and sampler.patch_size != denoiser.patch_size:
+            raise ConfigError(f'sampler.patch_size ({sampler.patch_size}) must equal network_dit.input_size '
+                              f'({denoiser.patch_size}), the V both use')
+        if denoiser is not None and denoiser.texture_encoder is not None and rtm is None:
+            raise ConfigError('network_texture needs an RTM (the rtm option) to retrieve texture priors from')
+        self.autoencoder, self.grm, self.scale = autoencoder, grm, int(scale)
+        self.denoiser, self.sampler, self.rtm, self.top_k = denoiser, sampler, rtm, top_k
+        self.color_fix, self.autocast = color_fix, autocast_dtype(autocast)
+        d = autoencoder.downscale_factor
+        if tile is not None and (int(tile) < 2 * d or int(tile) % d):
+            raise ConfigError(f'tile must be a multiple of the autoencoder factor {d} and at least {2 * d}, got {tile}')
+        if tile is not None and not 0 <= int(tile_overlap) <= int(tile) - d:
+            raise ConfigError(f'tile_overlap must be in [0, tile - {d}] = [0, {int(tile) - d}], got {tile_overlap}')
+        self.tile, self.tile_overlap = (int(tile) if tile else None), int(tile_overlap)
+
+    @property
+    def device(self):
+        return next(self.grm.parameters()).device
+
+    def min_input_size(self):
+        """The smallest LR side that gives at least a 2×2 latent (the GRM reflect-pads its input)."""
+        return max(1, -(-2 * self.autoencoder.downscale_factor // self.scale))
+
+    def _autocast(self):
+        dev = self.device.type
+        return torch.autocast(dev, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def encode(self, images):
+        fn = self.autoencoder.encode
+        if self.tile and max(images.shape[-2:]) > self.tile:
+            d = self.autoencoder.downscale_factor
+            return tiled_apply(fn, images, self.tile, self.tile_overlap, 1 / d, multiple=d)
+        return fn(images)
+
+    def decode(self, latent):
+        fn = self.autoencoder.decode
+        d = self.autoencoder.downscale_factor
+        if self.tile and max(latent.shape[-2:]) * d > self.tile:
+            return tiled_apply(fn, latent, self.tile // d, max(1, self.tile_overlap // d), d)
+        return fn(latent)
+
+    @torch.no_grad()
+    def __call__(self, lq, refine=True, seed=None, return_grm=True):
+        """SR of an LR batch (B, 3, h, w) in [0, 1]; ``refine=False`` stops after the GRM; ``return_grm`` also
+        decodes y_HR (``PipelineOutput.grm``), outside the timed stages."""
+        if not torch.is_tensor(lq) or lq.dim() != 4 or lq.shape[1] != 3:
+            got = tuple(lq.shape) if torch.is_tensor(lq) else type(lq).__name__
+            raise InputError(f'expected an LR batch (B, 3, h, w), got {got}')
+        if min(lq.shape[-2:]) < self.min_input_size():
+            raise InputError(f'the image is {lq.shape[-1]}×{lq.shape[-2]} px; this model needs at least '
+                             f'{self.min_input_size()} px per side (×{self.scale} must give a 2×2 latent)')
+        seconds, dev = OrderedDict(), self.device
+        lq = lq.to(dev)
+
+        def timed(name, fn):
+            _sync(dev)
+            start = time.perf_counter()
+            out = fn()
+            _sync(dev)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        up = F.interpolate(lq, scale_factor=self.scale, mode='bicubic', align_corners=False).clamp(0, 1)
+        h, w = up.shape[-2:]
+        d = self.autoencoder.downscale_factor
+        y_lr = timed('encode', lambda: self.encode(pad_to_multiple(up, d)[0]))
+        with self._autocast():
+            y_hr, confidence = timed('grm', lambda: self.grm(y_lr))
+        y_hr, confidence = y_hr.float(), confidence.float()
+        report, x_hr = None, y_hr
+        if refine and self.denoiser is not None:
+            def run_pgs():
+                with self._autocast():
+                    return self.sampler.sample(self.denoiser, y_hr, confidence, cond={'y0': y_hr},
+                                               prepare_cond=make_prompt_fn(self.denoiser, self.rtm, self.top_k),
+                                               seed=seed)
+            x_hr, report = timed('pgs', run_pgs)
+            x_hr = x_hr.float()
+        sr = timed('decode', lambda: self.decode(x_hr)[..., :h, :w])
+        if report is not None and self.color_fix:  # the fix is for the diffusion stage's colour drift
+            sr = timed('color_fix', lambda: wavelet_color_fix(sr, up))
+        grm_img = None
+        if return_grm:  # not timed: only validation and the comparison strips need it
+            grm_img = sr if report is None else self.decode(y_hr)[..., :h, :w]
+        conf = confidence[..., :-(-h // d), :-(-w // d)]
+        grm_img = None if grm_img is None else grm_img.clamp(0, 1)
+        return PipelineOutput(sr=sr.clamp(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,
+                              seconds=seconds)
+
+
+def build_denoiser(opt):
+    """PromptedPatchDiT from ``network_dit`` (+ ``network_texture``) options, or None without ``network_dit``."""
+    from basicsr.archs import build_network
+    if not opt.get('network_dit'):
+        if opt.get('network_texture'):
+            raise ConfigError('network_texture is set but network_dit is not; the texture prompt feeds Patch-DiT')
+        return None
+    texture = build_network(dict(opt['network_texture'])) if opt.get('network_texture') else None
+    return PromptedPatchDiT(build_network(dict(opt['network_dit'])), texture)
+
+
+def build_rtm_for(opt, autoencoder, denoiser, device):
+    """The RTM of ``opt['rtm']`` when the denoiser has a texture encoder (checked against its AE and V)."""
+    from patchscaler.retrieval import build_retriever
+    if denoiser is None or denoiser.texture_encoder is None:
+        return None
+    if not opt.get('rtm'):
+        raise ConfigError('network_texture needs an rtm option ({type: ReferenceTextureMemory, path: ...}); build '
+                          'one with tools/build_rtm.py, or drop network_texture and prompt_dim (no-prompt ablation)')
+    return build_retriever(opt['rtm'], autoencoder, denoiser.patch_size, device)

@@ -1,0 +1,80 @@
+"""What PatchScalerModel's validation writes: metrics per pipeline stage, PGS statistics, pictures."""
+from os import path as osp
+
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+
+from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay
+
+# the pipeline's outputs a metric is computed for: final SR, the GRM's decoded y_HR, plain bicubic
+STAGE_SUFFIXES = (('', 'PatchScaler'), ('_grm', 'GRM'), ('_bicubic', 'bicubic'))
+
+
+def log_metrics(model, current_iter, dataset_name, tb_logger):
+    """One line per metric: the final SR with its best so far, then the GRM and bicubic values and gains."""
+    if not model.metric_results:
+        return
+    model._initialize_best_metric_results(dataset_name)
+    lines = [f'Validation {dataset_name}']
+    for metric, best in model.best_metric_results[dataset_name].items():
+        value = model.metric_results.get(metric)
+        if value is None:
+            continue
+        model._update_best_metric_result(dataset_name, metric, value, current_iter)
+        others = []
+        for suffix, label in STAGE_SUFFIXES[1:]:
+            ref = model.metric_results.get(f'{metric}{suffix}')
+            if ref is not None:
+                gain = value - ref if best['better'] == 'higher' else ref - value  # positive = better
+                others.append(f'{label}: {ref:.4f}, gain {gain:+.4f}')
+        lines.append(f'\t # {metric}: {value:.4f}\t({"; ".join(others)})'
+                     f'\tBest: {best["val"]:.4f} @ {best["iter"]} iter')
+    get_root_logger().info('\n'.join(lines))
+    if tb_logger:
+        for metric, value in model.metric_results.items():
+            tb_logger.add_scalar(f'metrics/{dataset_name}/{metric}', value, current_iter)
+
+
+def log_pgs(sampler, groups, dataset_name, current_iter, tb_logger, nfe_done=None, seconds=None, images=0):
+    """Group shares and NFE against uniform sampling; with a diffusion run, NFE done and time per image."""
+    nfe, uniform = sampler.nfe(groups)
+    shares = [float((groups == g).float().mean()) for g in range(len(sampler.groups))]
+    parts = ', '.join(f'{n} {100 * f:.1f}%' for n, f in zip(sampler.group_names, shares))
+    line = (f'PGS grading of {dataset_name} ({groups.numel()} patches of {sampler.patch_size}² latent): {parts}; '
+            f'NFE {nfe} vs {uniform} uniform = {nfe / max(uniform, 1):.2f}x')
+    if nfe_done is not None and images:
+        line += f'; sampled {nfe_done / images:.0f} patch evaluations and {seconds / images:.2f} s per image'
+    get_root_logger().info(line)
+    if tb_logger:
+        tb_logger.add_scalar(f'pgs/{dataset_name}/nfe_ratio', nfe / max(uniform, 1), current_iter)
+        for n, f in zip(sampler.group_names, shares):
+            tb_logger.add_scalar(f'pgs/{dataset_name}/share_{n}', f, current_iter)
+        if nfe_done is not None and images:
+            tb_logger.add_scalar(f'pgs/{dataset_name}/seconds_per_image', seconds / images, current_iter)
+
+
+def save_visuals(model, visuals, sr_img, name, dataset_name, current_iter):
+    """SR image, confidence map, a strip (bicubic / GRM / PatchScaler / HR / confidence), the Qmap overlay."""
+    opt = model.opt
+    if opt['is_train']:
+        folder, stem = osp.join(opt['path']['visualization'], name), f'{name}_{current_iter}'
+    else:
+        folder = osp.join(opt['path']['visualization'], dataset_name)
+        stem = f'{name}_{opt["val"].get("suffix") or opt["name"]}'
+    imwrite(sr_img, osp.join(folder, f'{stem}.png'))
+    h, w = sr_img.shape[:2]
+    conf_img = confidence_to_bgr(visuals['confidence'][0].numpy(), size=(w, h))
+    imwrite(conf_img, osp.join(folder, f'{stem}_confidence.png'))
+    tiles, labels = [tensor2img([visuals['bicubic']])], ['bicubic']
+    if 'grm' in visuals:
+        tiles.append(tensor2img([visuals['grm']]))
+        labels.append('GRM y_HR')
+    tiles.append(sr_img)
+    labels.append('PatchScaler (PGS)' if 'grm' in visuals else 'GRM y_HR')
+    if 'gt' in visuals:
+        tiles.append(tensor2img([visuals['gt']]))
+        labels.append('HR')
+    imwrite(labelled_strip(tiles + [conf_img], labels + ['confidence C']), osp.join(folder, f'{stem}_compare.png'))
+    if model.pgs_groups is not None:
+        groups, qmap, _, grid = model.pgs_groups
+        imwrite(qmap_overlay(sr_img, qmap[0], groups[0], grid, model.sampler.group_names),
+                osp.join(folder, f'{stem}_pgs.png'))

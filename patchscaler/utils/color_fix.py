@@ -1,0 +1,73 @@
+"""Wavelet colour fix: keep the SR image's fine detail, take its colours from the low-resolution input.
+
+Diffusion SR outputs drift in colour (a tint, a shifted brightness, washed-out or oversaturated areas) because
+the denoiser has no hard constraint tying the output's low frequencies to the input. The LR image's low
+frequencies are trustworthy (they survive the degradation), while the SR image's high frequencies carry the
+new detail. So the output is recombined as ``high(sr) + low(reference)``, where ``reference`` is the LR image
+upsampled (bicubic) to the SR size. This is the "wavelet color fix" idea of StableSR (Wang et al., "Exploiting
+Diffusion Prior for Real-World Image Super-Resolution"), written here from the description.
+
+The low band is an a trous ("with holes") wavelet low-pass: ``levels`` blurs with the 3x3 binomial kernel
+[[1,2,1],[2,4,2],[1,2,1]]/16, the i-th one dilated by 2**i, so the blur radius doubles at each level without
+downsampling. Replicate padding keeps the size (it works for any pad, even wider than the image), so any
+H, W >= 1 is accepted; a 1x1 image is all low band.
+"""
+import torch
+import torch.nn.functional as F
+
+from patchscaler.utils.errors import ConfigError, InputError
+
+_KERNEL = ((1., 2., 1.), (2., 4., 2.), (1., 2., 1.))
+
+
+def _check_image(name, x):
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+        what = f'{tuple(x.shape)} {x.dtype}' if torch.is_tensor(x) else type(x).__name__
+        raise InputError(f'{name} must be a floating-point (B, C, H, W) tensor, got {what}')
+
+
+def _work_dtype(dtype):
+    """Blur in float32 at least: the repeated sums lose too much in bfloat16/float16 (and CPU half conv is slow)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _low(x, levels):
+    """Low band of ``x`` (already in the work dtype): ``levels`` dilated binomial blurs, size preserved."""
+    if not isinstance(levels, int) or levels < 0:
+        raise ConfigError(f'wavelet levels must be an integer >= 0, got {levels!r}')
+    c = x.shape[1]
+    kernel = (torch.tensor(_KERNEL, dtype=x.dtype, device=x.device) / 16).expand(c, 1, 3, 3)
+    for i in range(levels):
+        d = 2 ** i
+        x = F.conv2d(F.pad(x, (d, d, d, d), mode='replicate'), kernel, dilation=d, groups=c)
+    return x
+
+
+def wavelet_decompose(x, levels=5):
+    """Split ``x`` (B, C, H, W) into ``(high, low)`` with ``high + low == x`` (up to rounding in x's dtype).
+
+    ``low`` is ``x`` blurred ``levels`` times (dilations 1, 2, ..., 2**(levels-1)); ``high = x - low``. Both come
+    back in ``x``'s dtype and device; the blur itself runs in float32 or wider.
+    """
+    _check_image('x', x)
+    work = x.to(_work_dtype(x.dtype))
+    low = _low(work, levels)
+    return (work - low).to(x.dtype), low.to(x.dtype)
+
+
+def wavelet_color_fix(sr, reference, levels=5):
+    """``high(sr) + low(reference)``: the SR detail on the reference's colours, in ``sr``'s dtype and device.
+
+    ``reference`` is the LR image upsampled (bicubic) to ``sr``'s size, same (B, C, H, W). The result is not
+    clamped: it can leave [0, 1] slightly where SR detail sits on a saturated reference, so the caller clamps
+    (as it would for any decoded image).
+    """
+    _check_image('sr', sr)
+    _check_image('reference', reference)
+    if sr.shape != reference.shape:
+        raise InputError(f'colour fix: reference is {tuple(reference.shape)} but sr is {tuple(sr.shape)}; '
+                         'upsample the LR image to the SR size first')
+    work = _work_dtype(sr.dtype)
+    sr_w = sr.to(work)
+    ref_w = reference.to(device=sr.device, dtype=work)
+    return (sr_w - _low(sr_w, levels) + _low(ref_w, levels)).to(sr.dtype)
