@@ -50,3 +50,31 @@ TINY_VAE_CONFIG = dict(
 @pytest.fixture
 def tiny_vae_config():
     return {k: (list(v) if isinstance(v, list) else v) for k, v in TINY_VAE_CONFIG.items()}
+
+
+@pytest.fixture
+def tiny_patchscaler(tmp_path):
+    """(option dict, RTM path): the demo's two-stage options shrunk to seconds — pixel-unshuffle d=2 (c=12),
+    an RRDB GRM, a 1-block Patch-DiT on V=8 patches, a texture encoder and a 24-patch RTM of random latents."""
+    import torch
+    import yaml
+
+    from patchscaler.archs.autoencoder_arch import PixelUnshuffleAutoencoder
+    from patchscaler.retrieval import ReferenceTextureMemory
+    with open(os.path.join(ROOT, 'options', 'demo', 'train_patchscaler_demo.yml')) as f:
+        opt = yaml.safe_load(f)
+    ae = PixelUnshuffleAutoencoder(2)
+    values = ae.encode(torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    rtm = ReferenceTextureMemory.build(values, None, 24, autoencoder=ae, top_k=2).save(tmp_path / 'rtm_tiny')
+    opt['autoencoder'] = {'type': 'PixelUnshuffleAutoencoder', 'downscale': 2}
+    opt['network_grm'] = {'type': 'GRM', 'in_channels': 12, 'num_feat': 8, 'body': 'rrdb', 'num_blocks': 1,
+                          'num_grow_ch': 4}
+    opt['network_dit'] = {'type': 'PatchDiT', 'in_channels': 12, 'input_size': 8, 'patch_size': 2,
+                          'hidden_size': 32, 'depth': 1, 'num_heads': 2, 'prompt_dim': 16}
+    opt['network_texture'] = {'type': 'TextureEncoder', 'in_channels': 12, 'input_size': 8, 'token_patch': 4,
+                              'dim': 16, 'depth': 1, 'num_heads': 2}
+    opt['rtm'] = {'type': 'ReferenceTextureMemory', 'path': str(rtm), 'top_k': 2, 'backend': 'torch'}
+    opt['sampler'] = {'type': 'PatchGroupSampler', 'patch_size': 8, 'batch_size': 8,
+                      'groups': [{'tau': 400, 'steps': 2}, {'tau': 700, 'steps': 3}, {'tau': 1000, 'steps': 4}]}
+    opt['train'].update(gt_size=32, patches_per_image=2, grm_iters=2, total_iter=4)
+    return opt, rtm

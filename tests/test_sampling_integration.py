@@ -58,7 +58,7 @@ def test_benchmark_writes_json_and_markdown_with_exact_nfe_ratios(tmp_path, monk
     out = tmp_path / 'bench'
     benchmark.main(['--lr-size', '40', '--ae-factor', '4', '--patch-size', '8', '--repeats', '1', '--warmup', '0',
                     '--shares', '1/0/0', '0.5/0.25/0.25', '0/0/1', '--out-size', '160', '--rtm-size', '50',
-                    '--out', str(out)])
+                    '--parts', 'pgs', 'retrieval', '--model', 'tiny', '--out', str(out)])
     result = json.loads((out / 'benchmark.json').read_text())
     rows = result['pgs']
     assert [r['scenario'] for r in rows][0].startswith('uniform')
@@ -86,6 +86,28 @@ def test_benchmark_retrieval_only(tmp_path, monkeypatch):
     result = json.loads((tmp_path / 'benchmark.json').read_text())
     assert 'pgs' not in result and result['retrieval']['queries'] == 1 and result['retrieval']['top_k'] == 2
     assert (tmp_path / 'benchmark.md').read_text().startswith('RTM retrieval on')
+
+
+def test_benchmark_patch_dit_and_end_to_end(tmp_path, monkeypatch, tiny_patchscaler):
+    import yaml
+    monkeypatch.syspath_prepend(osp.join(ROOT, 'tools'))
+    sys.modules.pop('benchmark', None)
+    import benchmark
+    opt, _ = tiny_patchscaler
+    (tmp_path / 'tiny.yml').write_text(yaml.safe_dump(opt))
+    benchmark.main(['--parts', 'dit', 'e2e', '--dit-presets', 'tiny', '--dit-batch', '2', '--patch-size', '8',
+                    '--e2e-opt', str(tmp_path / 'tiny.yml'), '--e2e-ckpt', '', '--e2e-lr', '16', '--repeats', '1',
+                    '--warmup', '0', '--out', str(tmp_path)])
+    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    row = result['dit']['rows'][0]
+    # one V=8, p=2 patch (16 tokens, width 192, 4 blocks) costs at least its linear layers' 2·params·tokens FLOPs
+    assert row['preset'] == 'tiny' and row['gflops_per_call'] > 2 * 0.5 * row['params_m'] * 1e6 * 16 / 1e9
+    assert row['ms_per_patch'] > 0 and row['encoder_gflops_per_patch'] > 0
+    e2e = result['e2e']
+    assert e2e['weights'] == 'random init' and set(e2e['stages_s']) == {'encode', 'grm', 'pgs', 'decode', 'color_fix'}
+    assert sum(e2e['stage_share'].values()) == pytest.approx(1.0) and e2e['nfe'] <= e2e['nfe_uniform']
+    table = (tmp_path / 'benchmark.md').read_text()
+    assert '| tiny |' in table and 'End to end' in table
 
 
 def test_model_options_sampler_is_checked(demo_opt):

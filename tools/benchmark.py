@@ -4,8 +4,8 @@
     python tools/benchmark.py --device cuda --lr-size 512 --model S
     python tools/benchmark.py --parts retrieval   # only the texture retrieval
 
-The denoiser is a random-init DiT-style patch transformer (concat(y0, x_t), 2×2 tokens, x0 output) of
-the size chosen by ``--model``: timing needs its cost per call, not trained weights. Scenarios:
+The denoiser is a random-init Patch-DiT (concat(y0, x_t), p = 2, x0 output, no prompt) of the size chosen by
+``--model``: timing needs its cost per call, not trained weights. Scenarios:
 
 - ``uniform``: every patch 20 DDIM steps from τ = 1000 (the paper's "unified" sampling, on patches);
 - ``pgs shares a/b/c``: the paper's groups (τ = 400/700/1000, N = 8/14/20) with the given share of
@@ -26,7 +26,6 @@ Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the tables in the RE
 """
 import argparse
 import json
-import math
 import os
 import os.path as osp
 import platform
@@ -37,39 +36,14 @@ REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
+from patchscaler.archs.patch_dit_arch import PatchDiT  # noqa: E402
 from patchscaler.sampling import build_sampler  # noqa: E402
 from patchscaler.utils.timing import measure_interleaved  # noqa: E402
 
-MODELS = {'tiny': (192, 4, 3), 'S': (384, 12, 6), 'B': (768, 12, 12)}  # width, depth, heads (DiT-S, DiT-B)
+MODELS = {'tiny': dict(hidden_size=192, depth=4, num_heads=3), 'S': dict(preset='S'), 'B': dict(preset='B'),
+          'L': dict(preset='L')}  # Patch-DiT sizes: the presets of patchscaler/archs/patch_dit_arch.py
 SHARES = ([1.0, 0.0, 0.0], [0.4, 0.3, 0.3], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0])
-
-
-class PatchTransformer(nn.Module):
-    """A DiT-shaped stand-in denoiser: 2×2 patch tokens of concat(y0, x_t), time embedding, pre-norm blocks."""
-
-    def __init__(self, channels=4, patch_size=16, width=192, depth=4, heads=3, token=2):
-        super().__init__()
-        self.token, self.channels = token, channels
-        self.embed = nn.Conv2d(2 * channels, width, token, stride=token)
-        self.pos = nn.Parameter(torch.randn(1, (patch_size // token) ** 2, width) * 0.02)
-        self.time = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation='gelu',
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.out = nn.Linear(width, channels * token * token)
-
-    def forward(self, x_t, t, y0):
-        b, c, h, w = x_t.shape
-        half = 128
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
-        temb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
-        tokens = self.embed(torch.cat([y0, x_t], 1)).flatten(2).transpose(1, 2) + self.pos
-        tokens = self.blocks(tokens + self.time(temb)[:, None])
-        p, g = self.token, h // self.token
-        out = self.out(tokens).view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(b, c, h, w)
 
 
 def pgs_scenarios(args):
@@ -100,14 +74,13 @@ def run(args):
     side = args.lr_size * args.scale // args.ae_factor
     y0 = torch.randn(1, args.latent_channels, side, side, generator=torch.Generator().manual_seed(0)).to(device)
     confidence = torch.rand(1, 1, side, side, generator=torch.Generator().manual_seed(1)).to(device)
-    width, depth, heads = MODELS[args.model]
-    net = PatchTransformer(args.latent_channels, args.patch_size, width, depth, heads).to(device).eval()
+    net = PatchDiT(args.latent_channels, args.patch_size, 2, **MODELS[args.model]).to(device).eval()
     params = sum(p.numel() for p in net.parameters())
     dtype = torch.bfloat16 if args.bf16 else None
 
     def denoiser(x_t, t, y0_patch):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return net(x_t, t.float(), y0_patch)
+            return net(x_t, t, y0_patch)
 
     def identity(x_t, t, y0_patch):
         return x_t
@@ -192,12 +165,131 @@ def markdown_retrieval(result):
     return '\n'.join(lines) + '\n'
 
 
+def _dit_row(name, args, device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from patchscaler.archs.texture_encoder_arch import TextureEncoder
+    from patchscaler.models.pipeline import PromptedPatchDiT
+    v, c, k = args.patch_size, args.latent_channels, args.top_k
+    torch.manual_seed(0)
+    net = PromptedPatchDiT(PatchDiT(c, v, 2, prompt_dim=384, **MODELS[name]),
+                           TextureEncoder(c, v, 4, dim=384, depth=2, num_heads=6)).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def priors(n):
+        return torch.randn(n, k, c, v, v, generator=g).to(device), torch.rand(n, k, generator=g).to(device)
+
+    def inputs(n):
+        y0, x_t = (torch.randn(n, c, v, v, generator=g).to(device) for _ in range(2))
+        return x_t, torch.full((n,), 500, device=device), {'y0': y0, **net.encode_prompt(*priors(n))}
+
+    with torch.no_grad():
+        one = inputs(1)
+        with FlopCounterMode(display=False) as counter:
+            net(*one)
+        with FlopCounterMode(display=False) as enc_counter:
+            net.encode_prompt(*priors(1))
+        batch = inputs(args.dit_batch)
+    dtype = torch.bfloat16 if args.bf16 else None
+
+    def call():
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return net(*batch)
+    t = measure_interleaved([call], device, args.repeats, args.warmup)[0]
+    return {'preset': name, 'params_m': sum(p.numel() for p in net.dit.parameters()) / 1e6,
+            'encoder_params_m': sum(p.numel() for p in net.texture_encoder.parameters()) / 1e6,
+            'gflops_per_call': counter.get_total_flops() / 1e9,
+            'encoder_gflops_per_patch': enc_counter.get_total_flops() / 1e9, 'batch': args.dit_batch,
+            'forward_s': t['median_s'], 'ms_per_patch': 1e3 * t['median_s'] / args.dit_batch,
+            'peak_mem_mb': t['peak_mem_mb']}
+
+
+def run_dit(args):
+    """Patch-DiT per preset: parameters, GFLOPs per call of one patch (torch's FLOP counter: matmuls and
+    attention, a multiply-add counted as 2), and forward time of a batch, with a K=4 texture prompt."""
+    device, rows = torch.device(args.device), []
+    for name in args.dit_presets:
+        r = _dit_row(name, args, device)
+        rows.append(r)
+        print(f"Patch-DiT {name}: {r['params_m']:.1f} M params, {r['gflops_per_call']:.2f} GFLOPs per patch call, "
+              f"{r['ms_per_patch']:.1f} ms per patch (batch {r['batch']})", flush=True)
+    return {'patch_size': args.patch_size, 'token_patch': 2, 'latent_channels': args.latent_channels,
+            'top_k': args.top_k, 'prompt_tokens': args.top_k * (args.patch_size // 4) ** 2, 'bf16': bool(args.bf16),
+            'rows': rows}
+
+
+def run_e2e(args):
+    """The demo model end to end, LR --e2e-lr² -> ×4 on one image, split by pipeline stage. Weights: the trained
+    demo run when it exists (realistic PGS groups), else random init (same cost, arbitrary groups)."""
+    from patchscaler.inference import checkpoint_files, load_pipeline
+    from patchscaler.utils.cli import load_option_file
+    from patchscaler.utils.timing import measure
+    opt = load_option_file(osp.join(REPO, args.e2e_opt))
+    trained = bool(args.e2e_ckpt and len(checkpoint_files(args.e2e_ckpt)) == 3)
+    if not trained:
+        from basicsr.archs import build_network
+        tmp = osp.join(args.out, 'random_init')
+        os.makedirs(tmp, exist_ok=True)
+        for name in ('grm', 'dit', 'texture'):
+            torch.manual_seed(0)
+            torch.save({'params': build_network(dict(opt[f'network_{name}'])).state_dict()},
+                       osp.join(tmp, f'net_{name}_latest.pth'))
+    pipe = load_pipeline(opt, args.device, args.e2e_ckpt if trained else tmp)
+    from skimage import data
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    lq = torch.nn.functional.interpolate(img, size=(args.e2e_lr, args.e2e_lr), mode='area')
+    t = measure(lambda: pipe(lq, return_grm=False), args.device, args.repeats, args.warmup)
+    out = t['result']
+    stages = dict(out.seconds)
+    total = sum(stages.values())
+    print(f"end to end {args.e2e_lr}->{args.e2e_lr * pipe.scale}: {t['median_s']:.2f} s (" +
+          ', '.join(f'{k} {v:.2f} s' for k, v in stages.items()) + ')', flush=True)
+    return {'opt': args.e2e_opt, 'weights': 'trained demo run' if trained else 'random init', 'lr_size': args.e2e_lr,
+            'scale': pipe.scale, 'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb'],
+            'stages_s': stages, 'stage_share': {k: v / total for k, v in stages.items()},
+            'nfe': out.report.nfe_total, 'nfe_uniform': out.report.nfe_uniform,
+            'patches_per_group': list(out.report.patches_per_group)}
+
+
+def markdown_dit(result):
+    d = result['dit']
+    tokens = (d['patch_size'] // d['token_patch']) ** 2
+    lines = [f"Patch-DiT per call of one V={d['patch_size']} patch (p={d['token_patch']}: {tokens} tokens; texture "
+             f"prompt K={d['top_k']}: {d['prompt_tokens']} tokens of width 384) on {result['device_name']} "
+             f"({result['device']}, {result['threads']} threads"
+             f"{', bf16' if d['bf16'] else ''}), median of {result['repeats']}:", '',
+             '| preset | params (M) | GFLOPs per call | ms per patch (batch) | texture encoder: params (M), GFLOPs '
+             'per patch |',
+             '| --- | ---: | ---: | ---: | --- |']
+    for r in d['rows']:
+        lines.append(f"| {r['preset']} | {r['params_m']:.1f} | {r['gflops_per_call']:.2f} | {r['ms_per_patch']:.1f} "
+                     f"({r['batch']}) | {r['encoder_params_m']:.1f}, {r['encoder_gflops_per_patch']:.3f} "
+                     "(once per patch) |")
+    return '\n'.join(lines) + '\n'
+
+
+def markdown_e2e(result):
+    e = result['e2e']
+    stages = ' | '.join(f"{v:.2f} s ({100 * e['stage_share'][k]:.0f}%)" for k, v in e['stages_s'].items())
+    return '\n'.join([
+        f"End to end, {e['opt']} ({e['weights']}), LR {e['lr_size']}² → ×{e['scale']} on {result['device_name']} "
+        f"({result['device']}, {result['threads']} threads), median of {result['repeats']}: "
+        f"PGS did {e['nfe']} patch evaluations vs {e['nfe_uniform']} uniform "
+        f"(groups {'/'.join(map(str, e['patches_per_group']))}).", '',
+        '| total | ' + ' | '.join(e['stages_s']) + ' |', '| ---: |' + ' ---: |' * len(e['stages_s']),
+        f"| {e['wall_s']:.2f} s | {stages} |"]) + '\n'
+
+
 def markdown(result):
     parts = []
     if 'pgs' in result:
         parts.append(markdown_pgs(result))
     if 'retrieval' in result:
         parts.append(markdown_retrieval(result))
+    if 'dit' in result:
+        parts.append(markdown_dit(result))
+    if 'e2e' in result:
+        parts.append(markdown_e2e(result))
     return '\n'.join(parts)
 
 
@@ -234,7 +326,13 @@ def parse_args(argv=None):
                    help='PGS group shares to time, e.g. 0.4/0.3/0.3')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval'], default=['pgs', 'retrieval'])
+    p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e'],
+                   default=['pgs', 'retrieval', 'dit', 'e2e'])
+    p.add_argument('--dit-presets', nargs='+', choices=sorted(MODELS), default=['S', 'B', 'L'])
+    p.add_argument('--dit-batch', type=int, default=8, help='dit: patches per timed Patch-DiT call')
+    p.add_argument('--e2e-opt', default='options/demo/test_patchscaler_demo.yml', help='e2e: model options')
+    p.add_argument('--e2e-ckpt', default='experiments/demo_patchscaler_x4', help='e2e: trained run (else random)')
+    p.add_argument('--e2e-lr', type=int, default=128, help='e2e: LR side')
     p.add_argument('--out-size', type=int, default=2048, help='retrieval: output side whose patches query the RTM')
     p.add_argument('--rtm-size', type=int, default=2000, help='retrieval: memory size (paper: 2,000)')
     p.add_argument('--top-k', type=int, default=4)
@@ -249,6 +347,11 @@ def main(argv=None):
     result = run(args) if 'pgs' in args.parts else common_fields(args)
     if 'retrieval' in args.parts:
         result['retrieval'] = run_retrieval(args)
+    if 'dit' in args.parts:
+        result['dit'] = run_dit(args)
+    if 'e2e' in args.parts:
+        result['e2e'] = run_e2e(args)
+    result['repeats'] = args.repeats
     os.makedirs(args.out, exist_ok=True)
     with open(osp.join(args.out, 'benchmark.json'), 'w') as f:
         json.dump(result, f, indent=2)

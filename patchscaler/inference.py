@@ -1,0 +1,229 @@
+"""Image files in, SR image files out: what ``tools/infer.py`` runs.
+
+:func:`load_pipeline` builds the networks of a test option file (the same keys as training), loads their
+weights (``path.pretrain_network_*`` or a ``--ckpt`` folder of ``net_grm``/``net_dit``/``net_texture``
+files, EMA weights first) and returns a :class:`PatchScalerPipeline`. :func:`infer_paths` runs it on
+files or folders:
+
+* any size (the autoencoder tiles above ``tile`` px; PGS is patch-wise), down to the model's minimum
+  (a 2×2 latent): smaller images fail with one line;
+* grayscale in -> grayscale out (the channel mean of the SR); RGBA -> the RGB is super-resolved and the
+  alpha channel is upscaled separately (bicubic); 16-bit in -> 16-bit PNG out; EXIF rotation applied;
+* a file that cannot be read or processed is listed at the end, and the rest are still processed.
+"""
+import glob
+import os
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from patchscaler.data.image_io import IMG_EXTENSIONS, read_image
+from patchscaler.utils.errors import CheckpointError, ConfigError, DataError, PatchScalerError
+
+NETWORKS = ('grm', 'dit', 'texture')
+
+
+def resolve_device(device=None):
+    if device in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'device {device} requested but no CUDA device is available')
+    return device
+
+
+def checkpoint_files(ckpt):
+    """``{network: file}`` from a folder of BasicSR checkpoints (``models/`` or the experiment folder): the
+    ``_latest`` files when present, else the highest iteration."""
+    folder = os.path.join(ckpt, 'models') if os.path.isdir(os.path.join(ckpt, 'models')) else ckpt
+    if not os.path.isdir(folder):
+        raise CheckpointError(f'--ckpt {ckpt} is not a folder of net_grm_*.pth / net_dit_*.pth files')
+    found = {}
+    for name in NETWORKS:
+        latest = os.path.join(folder, f'net_{name}_latest.pth')
+        numbered = [(int(f.rsplit('_', 1)[1][:-4]), f) for f in glob.glob(os.path.join(folder, f'net_{name}_*.pth'))
+                    if f.rsplit('_', 1)[1][:-4].isdigit()]
+        if os.path.isfile(latest):
+            found[name] = latest
+        elif numbered:
+            found[name] = max(numbered)[1]
+    return found
+
+
+def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progress=False):
+    """The pipeline of a parsed option dict, with weights loaded; see the module docstring."""
+    from basicsr.archs import build_network
+
+    from patchscaler.archs.autoencoder_arch import build_autoencoder
+    from patchscaler.models.pipeline import PatchScalerPipeline, build_denoiser, build_rtm_for
+    from patchscaler.sampling import build_sampler
+    from patchscaler.utils.checkpoint import load_weights
+
+    for key in ('scale', 'autoencoder', 'network_grm'):
+        if key not in opt:
+            raise ConfigError(f"the option file has no '{key}' (use a PatchScaler test file such as "
+                              f"options/test_patchscaler.yml)")
+    device = resolve_device(device if device is not None else opt.get('device'))
+    autoencoder = build_autoencoder(opt['autoencoder']).to(device)
+    grm = build_network(dict(opt['network_grm']))
+    denoiser = build_denoiser(opt)
+    files = checkpoint_files(ckpt) if ckpt else {}
+    path = opt.get('path') or {}
+    nets = {'grm': grm}
+    if denoiser is not None:
+        nets['dit'] = denoiser.dit
+        if denoiser.texture_encoder is not None:
+            nets['texture'] = denoiser.texture_encoder
+    for name, net in nets.items():
+        file = files.get(name) or path.get(f'pretrain_network_{name}')
+        if not file:
+            raise CheckpointError(f'no weights for network_{name}: set path.pretrain_network_{name} in the option '
+                                  f'file or pass --ckpt <experiments/NAME> (with net_{name}_latest.pth)')
+        if not os.path.isfile(file):
+            raise CheckpointError(f'weights for network_{name} not found: {file}')
+        key = 'params_ema' if name in files else path.get(f'param_key_{name}', 'params_ema')
+        load_weights(net, file, key, path.get(f'strict_load_{name}', True), where=f'network_{name}')
+        net.to(device).eval().requires_grad_(False)
+    sampler = None
+    if denoiser is not None:
+        sampler = build_sampler(opt.get('sampler') or {'type': 'PatchGroupSampler', 'patch_size': denoiser.patch_size})
+        sampler.progress = progress
+    rtm = build_rtm_for(opt, autoencoder, denoiser, device)
+    return PatchScalerPipeline(
+        autoencoder, grm, opt['scale'], denoiser, sampler, rtm,
+        color_fix=opt.get('color_fix', True) if color_fix is None else color_fix,
+        tile=opt.get('tile') if tile is None else tile, tile_overlap=opt.get('tile_overlap', 64),
+        autocast=opt.get('autocast'))
+
+
+def list_images(inputs):
+    """(root, relative path) of every image under the given files/folders; other files are ignored."""
+    out = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for d, _, names in sorted(os.walk(item)):
+                out += [(item, os.path.relpath(os.path.join(d, n), item)) for n in sorted(names)
+                        if n.lower().endswith(IMG_EXTENSIONS)]
+        elif os.path.isfile(item):
+            out.append((os.path.dirname(item) or '.', os.path.basename(item)))
+        else:
+            raise DataError(f'input not found: {item}')
+    return out
+
+
+def _bit_depth(path):
+    img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    return 16 if img is not None and img.dtype == np.uint16 else 8
+
+
+def _to_file_array(img, bits):
+    scale = 65535.0 if bits == 16 else 255.0
+    return (np.clip(img, 0, 1) * scale).round().astype(np.uint16 if bits == 16 else np.uint8)
+
+
+@dataclass
+class InferSummary:
+    written: list = field(default_factory=list)
+    failures: list = field(default_factory=list)  # (path, reason)
+    nfe: int = 0
+    nfe_uniform: int = 0
+    seconds: dict = field(default_factory=dict)  # per pipeline stage, summed over images
+    wall_s: float = 0.0  # loading + all images
+
+    def lines(self):
+        out = [f'{len(self.written)} image(s) written, {len(self.failures)} failed']
+        if self.nfe_uniform:
+            out.append(f'PGS: {self.nfe} patch evaluations vs {self.nfe_uniform} for uniform sampling '
+                       f'({100 * (1 - self.nfe / self.nfe_uniform):.0f}% saved)')
+        if self.seconds:
+            total = sum(self.seconds.values())
+            stages = ', '.join(f'{k} {v:.2f} s' for k, v in self.seconds.items())
+            out.append(f'time: {stages} (stages {total:.2f} s, wall {self.wall_s:.2f} s with loading)')
+        out += [f'failed: {r}' if r.startswith(p) else f'failed: {p}: {r}' for p, r in self.failures]
+        return out
+
+
+def upscale_array(pipeline, img, alpha=None, seed=0):
+    """float32 BGR (H, W, 3) in [0, 1] (+ alpha (H, W)) -> (SR BGR, SR alpha or None, PipelineOutput)."""
+    lq = torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).float()[None]
+    out = pipeline(lq, seed=seed, return_grm=False)
+    sr = out.sr[0].float().cpu().numpy().transpose(1, 2, 0)[..., ::-1]
+    sr_alpha = None
+    if alpha is not None:
+        sr_alpha = np.clip(cv2.resize(alpha, (sr.shape[1], sr.shape[0]), interpolation=cv2.INTER_CUBIC), 0, 1)
+    return np.ascontiguousarray(sr), sr_alpha, out
+
+
+def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True, log=print):
+    """Super-resolve every image of ``inputs`` into ``out_dir`` (subfolders kept); returns an InferSummary."""
+    from tqdm import tqdm
+
+    from patchscaler.utils.checkpoint import atomic_write
+    from patchscaler.utils.visualize import confidence_to_bgr, qmap_overlay
+
+    images = list_images(inputs)
+    if not images:
+        raise DataError(f'no images ({", ".join(IMG_EXTENSIONS)}) in {", ".join(inputs)}')
+    summary = InferSummary()
+
+    def write(path, array):
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        ok = [False]
+
+        def save(tmp):
+            ok[0] = cv2.imwrite(tmp + '.png', array)
+            os.replace(tmp + '.png', tmp)
+        atomic_write(path, save)
+        if not ok[0]:
+            raise DataError(f'cannot write {path}')
+
+    for root, rel in tqdm(images, desc='SR', unit='img', disable=not progress):
+        path = os.path.join(root, rel)
+        stem = os.path.join(out_dir, os.path.splitext(rel)[0] + suffix)
+        try:
+            img, alpha = read_image(path, with_alpha=True)
+            gray = np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+            bits = _bit_depth(path)
+            sr, sr_alpha, out = upscale_array(pipeline, img, alpha, seed)
+        except (PatchScalerError, OSError) as e:
+            summary.failures.append((path, str(e).splitlines()[-1]))
+            continue
+        except RuntimeError as e:  # out of memory on this image: the others may still fit
+            if 'out of memory' not in str(e).lower():
+                raise
+            summary.failures.append((path, 'out of memory (set tile smaller, or use a smaller image)'))
+            continue
+        arr = sr.mean(2, keepdims=True) if gray else sr
+        if sr_alpha is not None:
+            arr = np.concatenate([np.repeat(arr, 3, 2) if gray else arr, sr_alpha[..., None]], 2)
+        write(stem + '.png', _to_file_array(arr, bits))
+        summary.written.append(stem + '.png')
+        for k, v in out.seconds.items():
+            summary.seconds[k] = summary.seconds.get(k, 0.0) + v
+        if out.report is not None:
+            summary.nfe += out.report.nfe_total
+            summary.nfe_uniform += out.report.nfe_uniform
+            if save_qmap:
+                view = _to_file_array(sr, 8)
+                r = out.report
+                write(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
+                write(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
+                                                                   size=(sr.shape[1], sr.shape[0])))
+        if progress and out.report is not None:
+            tqdm.write(f'{rel}: {out.report.summary()}')
+    return summary
+
+
+def run(args_opt, inputs, out_dir, device=None, ckpt=None, save_qmap=False, color_fix=None, tile=None, suffix='',
+        seed=0, progress=True):
+    """Load the pipeline and run it; returns the InferSummary (the CLI prints it)."""
+    from patchscaler.utils.cli import load_option_file
+    opt = load_option_file(args_opt) if isinstance(args_opt, str) else args_opt
+    start = time.perf_counter()
+    pipeline = load_pipeline(opt, device, ckpt, color_fix, tile, progress)
+    summary = infer_paths(pipeline, inputs, out_dir, save_qmap, suffix, seed, progress)
+    summary.wall_s = time.perf_counter() - start
+    return summary

@@ -1,0 +1,113 @@
+"""tools/infer.py: image files in, SR files out, in the input's format; bad files listed, the rest done."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, random_bgr, write_png
+
+from patchscaler.inference import checkpoint_files, load_pipeline
+
+INFER = os.path.join(ROOT, 'tools', 'infer.py')
+
+
+@pytest.fixture
+def trained(tiny_patchscaler, tmp_path):
+    """A test option file whose networks have (random, perturbed) weights saved the way training saves them."""
+    from basicsr.archs import build_network
+    opt, _ = tiny_patchscaler
+    models = tmp_path / 'run' / 'models'
+    models.mkdir(parents=True)
+    torch.manual_seed(0)
+    for name in ('grm', 'dit', 'texture'):
+        net = build_network(dict(opt[f'network_{name}']))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        state = net.state_dict()
+        torch.save({'params': state, 'params_ema': state}, models / f'net_{name}_latest.pth')
+    test = {k: opt[k] for k in ('scale', 'autoencoder', 'network_grm', 'network_dit', 'network_texture', 'rtm',
+                                'sampler')}
+    test['path'] = {f'pretrain_network_{n}': str(models / f'net_{n}_latest.pth') for n in ('grm', 'dit', 'texture')}
+    path = tmp_path / 'test.yml'
+    path.write_text(yaml.safe_dump(test))
+    return str(path), tmp_path / 'run'
+
+
+def _infer(args, cwd):
+    import subprocess
+    import sys
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, INFER, *args, '--no-progress'], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_a_folder_of_every_kind_of_image(trained, tmp_path):
+    opt_path, _ = trained
+    src = tmp_path / 'in'
+    write_png(src / 'rgb.png', random_bgr(12, 10, seed=1))
+    write_png(src / 'gray.png', random_bgr(9, 11, seed=2)[..., 0])
+    rgba = np.concatenate([random_bgr(8, 8, seed=3), np.full((8, 8, 1), 128, np.uint8)], 2)
+    write_png(src / 'rgba.png', rgba)
+    write_png(src / 'sub' / 'deep16.png', (random_bgr(8, 12, seed=4).astype(np.uint16) * 257))
+    (src / 'broken.jpg').write_bytes(b'\xff\xd8\xff not a jpeg')
+    write_png(src / 'tiny.png', random_bgr(1, 1, seed=5))
+    (src / 'notes.txt').write_text('not an image')
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '--opt', opt_path, '--save-qmap'], tmp_path)
+    assert proc.returncode == 1, proc.stderr  # some files failed ...
+    failed = [ln for ln in proc.stderr.splitlines() if ln.startswith('failed:')]
+    assert len(failed) == 1 and 'broken.jpg: cannot decode' in failed[0]
+    assert '5 image(s) written, 1 failed' in proc.stdout and 'PGS:' in proc.stdout
+    out = tmp_path / 'out'  # ... and the others were written, in their own format, at ×4
+    rgb = cv2.imread(str(out / 'rgb.png'), cv2.IMREAD_UNCHANGED)
+    gray = cv2.imread(str(out / 'gray.png'), cv2.IMREAD_UNCHANGED)
+    rgba_out = cv2.imread(str(out / 'rgba.png'), cv2.IMREAD_UNCHANGED)
+    deep = cv2.imread(str(out / 'sub' / 'deep16.png'), cv2.IMREAD_UNCHANGED)
+    assert rgb.shape == (48, 40, 3) and rgb.dtype == np.uint8
+    assert gray.shape == (36, 44)
+    assert rgba_out.shape == (32, 32, 4) and abs(int(rgba_out[..., 3].mean()) - 128) <= 1
+    assert deep.shape == (32, 48, 3) and deep.dtype == np.uint16
+    assert cv2.imread(str(out / 'tiny.png')).shape == (4, 4, 3)  # 1×1 px still gives a 2×2 latent at d=2
+    assert (out / 'rgb_qmap.png').is_file() and (out / 'rgb_confidence.png').is_file()
+
+
+def test_an_image_too_small_for_the_model_is_one_clear_failure(trained, tmp_path):
+    opt_path, _ = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    pipe = load_pipeline(opt, 'cpu')
+    pipe.autoencoder.downscale_factor = 8  # as the SD VAE: ×4 of a 2×2 image is a 1×1 latent
+    assert pipe.min_input_size() == 4
+    from patchscaler.inference import infer_paths
+    write_png(tmp_path / 'in' / 'two.png', random_bgr(2, 2))
+    summary = infer_paths(pipe, [str(tmp_path / 'in')], str(tmp_path / 'out'), progress=False)
+    assert not summary.written and 'needs at least 4 px per side' in summary.failures[0][1]
+
+
+def test_ckpt_folder_replaces_the_option_paths(trained, tmp_path):
+    opt_path, run = trained
+    assert set(checkpoint_files(str(run))) == {'grm', 'dit', 'texture'}
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    opt['path'] = {}
+    pipe = load_pipeline(opt, 'cpu', ckpt=str(run))
+    assert pipe.denoiser is not None and pipe.rtm is not None
+    with pytest.raises(Exception, match='no weights for network_grm'):
+        load_pipeline(opt, 'cpu')
+
+
+def test_option_and_checkpoint_problems_are_one_line(trained, tmp_path):
+    opt_path, run = trained
+    src = tmp_path / 'one'
+    write_png(src / 'a.png', random_bgr(8, 8))
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    opt['network_dit']['hidden_size'] = 64  # another configuration than the checkpoint's
+    (tmp_path / 'other.yml').write_text(yaml.safe_dump(opt))
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'o'), '--opt', 'other.yml'], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith('error: ') and 'does not fit network_dit' in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = _infer(['-i', str(tmp_path / 'nothing'), '-o', str(tmp_path / 'o'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 2 and 'input not found' in proc.stderr

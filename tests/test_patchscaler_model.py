@@ -1,0 +1,167 @@
+"""Stage 'full' of PatchScalerModel (GRM for grm_iters, then frozen; Patch-DiT throughout), its checkpoints,
+and the inference pipeline it validates with: built from the demo YAML, shrunk to seconds."""
+import pytest
+import torch
+
+from patchscaler.models.patchscaler_model import PatchScalerModel, random_patches
+from patchscaler.models.pipeline import PatchScalerPipeline
+from patchscaler.utils.errors import CheckpointError, ConfigError, InputError
+
+
+def _model(opt, tmp_path, is_train=True):
+    opt = dict(opt, is_train=is_train, dist=False, rank=0, world_size=1, num_gpu=0)
+    opt['path'] = dict(opt['path'], models=str(tmp_path / 'models'), training_states=str(tmp_path / 'states'),
+                       experiments_root=str(tmp_path), visualization=str(tmp_path / 'vis'))
+    opt['train'] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in opt['train'].items()}
+    (tmp_path / 'models').mkdir(parents=True, exist_ok=True)
+    return PatchScalerModel(opt)
+
+
+def _batch(seed=0, size=32):
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(2, 3, size, size, generator=g)
+    return {'lq': torch.nn.functional.interpolate(gt, scale_factor=0.25, mode='area'), 'gt': gt}
+
+
+def _params(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _changed(before, net):
+    return {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_full_stage_trains_grm_then_freezes_it_and_dit_throughout(tiny_patchscaler, tmp_path):
+    opt, _ = tiny_patchscaler
+    torch.manual_seed(0)
+    model = _model(opt, tmp_path)
+    assert model.stage == 'full' and model.grm_iters == 2
+    for it in (1, 2, 3, 4):
+        grm, dit, ema = _params(model.net_grm), _params(model.net_g), _params(model.net_g_ema)
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+        assert bool(_changed(grm, model.net_grm)) == (it <= 2), it
+        if it > 2:
+            assert not model.net_grm.training and not any(p.requires_grad for p in model.net_grm.parameters())
+        assert _changed(dit, model.net_g)  # Patch-DiT + encoder train every iteration
+        assert _changed(ema, model.net_g_ema)  # and the EMA follows
+        log = model.get_current_log()
+        assert ('l_conf' in log) == (it <= 2) and {'l_x0', 'l_x0_coarse'} <= set(log)
+        assert all(torch.isfinite(torch.tensor(v)) for v in log.values())
+
+
+def test_training_noise_follows_eq4_with_the_samplers_schedule(tiny_patchscaler, tmp_path, monkeypatch):
+    """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 - ᾱ_t)·ε with ᾱ of DiT's linear betas, the same table PGS samples with."""
+    opt, _ = tiny_patchscaler
+    model = _model(opt, tmp_path)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.allclose(model.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), atol=1e-6)
+    assert torch.equal(model.alphas_cumprod, model.sampler.scheduler.alphas_cumprod.float())
+    seen = {}
+    real = model.net_g.forward
+
+    def spy(x_t, t, cond):
+        seen.update(x_t=x_t, t=t, y0=cond['y0'])
+        return real(x_t, t, cond)
+    monkeypatch.setattr(model.net_g, 'forward', spy)
+    noise = {}
+    real_randn_like = torch.randn_like
+    monkeypatch.setattr(torch, 'randn_like', lambda x: noise.setdefault('eps', real_randn_like(x)))
+    x0, y0 = torch.randn(4, 12, 8, 8), torch.randn(4, 12, 8, 8)
+    monkeypatch.setattr('patchscaler.models.patchscaler_model.random_patches', lambda ts, v, n: [x0, y0])
+    model._diffusion_step(torch.zeros(1), torch.zeros(1))
+    a = model.alphas_cumprod[seen['t']].view(-1, 1, 1, 1)
+    assert torch.allclose(seen['x_t'], a.sqrt() * x0 + (1 - a).sqrt() * noise['eps'], atol=1e-6)
+    assert torch.equal(seen['y0'], y0) and seen['t'].min() >= 0 and seen['t'].max() < 1000
+
+
+def test_random_patches_are_aligned_crops():
+    a = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).view(2, 3, 10, 12)
+    pa, pb = random_patches([a, a * 2], 4, 5, torch.Generator().manual_seed(0))
+    assert pa.shape == (10, 3, 4, 4) and torch.equal(pb, pa * 2)
+    flat = a.view(2, -1)
+    assert all(bool(torch.isin(p, flat[i // 5]).all()) for i, p in enumerate(pa))
+
+
+def test_checkpoints_round_trip_and_another_config_is_refused(tiny_patchscaler, tmp_path):
+    opt, _ = tiny_patchscaler
+    torch.manual_seed(0)
+    model = _model(opt, tmp_path)
+    for it in (1, 2, 3):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+    model.save(0, 3)
+    models = tmp_path / 'models'
+    assert {p.name for p in models.iterdir()} == {'net_grm_3.pth', 'net_dit_3.pth', 'net_texture_3.pth'}
+    assert set(torch.load(models / 'net_dit_3.pth', weights_only=True)) == {'params', 'params_ema'}
+    test_opt = dict(opt, path={'pretrain_network_grm': str(models / 'net_grm_3.pth'),
+                               'pretrain_network_dit': str(models / 'net_dit_3.pth'), 'param_key_dit': 'params_ema',
+                               'pretrain_network_texture': str(models / 'net_texture_3.pth'),
+                               'param_key_texture': 'params_ema'})
+    tested = _model(test_opt, tmp_path / 'test', is_train=False)
+    batch = _batch(9)
+    model.feed_data(batch)
+    model.test()
+    tested.feed_data(batch)
+    tested.test()
+    assert torch.equal(model.output, tested.output)  # validation samples with the EMA weights, as loaded here
+    bigger = dict(test_opt, network_dit=dict(opt['network_dit'], hidden_size=64))
+    with pytest.raises(CheckpointError, match='does not fit PatchDiT.*shape'):
+        _model(bigger, tmp_path / 'other', is_train=False)
+
+
+def test_texture_encoder_runs_once_per_batch_of_patches_not_per_step(tiny_patchscaler, tmp_path):
+    opt, _ = tiny_patchscaler
+    model = _model(opt, tmp_path, is_train=False)
+    enc = model.net_g.texture_encoder
+    calls = []
+    enc.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    dit_calls = []
+    model.net_g.dit.register_forward_hook(lambda m, i, o: dit_calls.append(i[0].shape[0]))
+    out = model.pipeline()(_batch(1, size=64)['lq'])
+    r = out.report
+    assert len(calls) == r.cond_calls and sum(calls) == r.num_patches  # each patch's prompt computed once
+    assert len(dit_calls) == r.denoiser_calls > len(calls) and sum(dit_calls) == r.nfe_total
+    assert out.sr.shape == (2, 3, 64, 64) and out.grm.shape == out.sr.shape
+    assert set(out.seconds) == {'encode', 'grm', 'pgs', 'decode', 'color_fix'}
+
+
+def test_pipeline_without_prompt_and_grm_only(tiny_patchscaler, tmp_path):
+    opt, _ = tiny_patchscaler
+    no_prompt = {k: v for k, v in opt.items() if k not in ('network_texture', 'rtm')}
+    no_prompt['network_dit'] = {k: v for k, v in opt['network_dit'].items() if k != 'prompt_dim'}
+    model = _model(no_prompt, tmp_path, is_train=False)
+    assert model.rtm is None and model.net_g.texture_encoder is None
+    lq = _batch(2)['lq']
+    out = model.pipeline()(lq)
+    assert out.report is not None and out.report.cond_calls == 0 and out.sr.shape == (2, 3, 32, 32)
+    grm_only = model.pipeline()(lq, refine=False)
+    assert grm_only.report is None and 'pgs' not in grm_only.seconds and torch.equal(grm_only.sr, grm_only.grm)
+
+
+def test_pipeline_errors(tiny_patchscaler, tmp_path):
+    opt, _ = tiny_patchscaler
+    model = _model(opt, tmp_path, is_train=False)
+    pipe = model.pipeline()
+    with pytest.raises(InputError, match='at least 1 px'):
+        pipe(torch.rand(1, 3, 0, 5))
+    with pytest.raises(InputError, match=r'\(B, 3, h, w\)'):
+        pipe(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ConfigError, match='tile_overlap'):
+        PatchScalerPipeline(model.autoencoder, model.net_grm, 4, tile=64, tile_overlap=64)
+    with pytest.raises(ConfigError, match='patch_size'):
+        sampler = type(model.sampler)(patch_size=16)
+        PatchScalerPipeline(model.autoencoder, model.net_grm, 4, model.net_g, sampler, model.rtm)
+    missing_rtm = {k: v for k, v in opt.items() if k != 'rtm'}
+    with pytest.raises(ConfigError, match='needs an rtm'):
+        _model(missing_rtm, tmp_path / 'x', is_train=False)
+
+
+def test_tiled_autoencoder_in_the_pipeline_matches_untiled(tiny_patchscaler, tmp_path):
+    opt, _ = tiny_patchscaler
+    model = _model(opt, tmp_path, is_train=False)
+    lq = _batch(3, size=96)['lq'][:1]
+    full = model.pipeline()(lq, refine=False).sr
+    model.tile, model.tile_overlap = 32, 8
+    tiled = model.pipeline()(lq, refine=False).sr
+    assert torch.allclose(full, tiled, atol=1e-5)  # pixel unshuffle is pointwise: tiling is exact

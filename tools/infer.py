@@ -1,0 +1,52 @@
+"""Super-resolve your images with a trained PatchScaler.
+
+    python tools/infer.py -i photo.jpg -o results/sr --opt options/test_patchscaler.yml
+    python tools/infer.py -i datasets/demo/val_unseen/LR_x4 -o results/demo_infer \\
+        --opt options/demo/test_patchscaler_demo.yml --save-qmap
+
+Folders are read recursively (image files only); the SR images keep the subfolder layout. Grayscale, RGBA
+(alpha upscaled separately) and 16-bit images come out in the same format. Files that fail are listed at
+the end and the exit status is 1; option or checkpoint problems are one ``error:`` line and status 2.
+"""
+import argparse
+import os.path as osp
+import sys
+
+REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+sys.path.insert(0, REPO)
+
+from patchscaler.inference import run  # noqa: E402  (importing patchscaler applies the fixes)
+from patchscaler.utils.cli import one_line  # noqa: E402
+from patchscaler.utils.errors import PatchScalerError  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('-i', '--input', nargs='+', required=True, help='image files and/or folders')
+    p.add_argument('-o', '--output', required=True, help='output folder')
+    p.add_argument('--opt', required=True, help='test option file (networks, autoencoder, sampler, rtm, weights)')
+    p.add_argument('--ckpt', default=None, help='a training run (experiments/NAME or its models/ folder): its '
+                   'net_grm / net_dit / net_texture latest files replace the option file\'s pretrain paths')
+    p.add_argument('--device', default=None, help='cpu, cuda, cuda:1 (default: cuda when available)')
+    p.add_argument('--save-qmap', action='store_true', help='also write <name>_qmap.png (PGS groups) and '
+                   '<name>_confidence.png')
+    p.add_argument('--no-color-fix', action='store_true', help='skip the wavelet color fix against the LR')
+    p.add_argument('--tile', type=int, default=None, help='autoencoder tile size in HR pixels (bounds memory)')
+    p.add_argument('--suffix', default='', help='appended to output names')
+    p.add_argument('--seed', type=int, default=0, help='seed of the PGS start noise')
+    p.add_argument('--no-progress', action='store_true')
+    args = p.parse_args(argv)
+    try:
+        summary = run(args.opt, args.input, args.output, args.device, args.ckpt, args.save_qmap,
+                      False if args.no_color_fix else None, args.tile, args.suffix, args.seed, not args.no_progress)
+    except PatchScalerError as e:
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        sys.exit(2)
+    for line in summary.lines():
+        print(line, file=sys.stderr if line.startswith('failed:') else sys.stdout)
+    if summary.failures:
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
