@@ -153,3 +153,54 @@ def test_demo_rtm_from_the_embedded_data(workdir):
     rtm = ReferenceTextureMemory.load(out, autoencoder=PixelUnshuffleAutoencoder(4), patch_size=16)
     sims, idx = rtm.search(rtm.values[:32])
     assert torch.equal(idx[:, 0], torch.arange(32)) and bool((sims[:, 0] > 0.999).all())
+
+
+def test_two_stage_demo_train_test_and_infer(workdir):
+    """The README's main command at tiny size: both training stages, test.py, then infer.py with --ckpt."""
+    rtm = workdir / 'experiments' / 'rtm' / 'rtm_demo_x4.safetensors'
+    if not rtm.is_file():
+        test_demo_rtm_from_the_embedded_data(workdir)
+    with open(osp.join(REPO, 'options', 'demo', 'train_patchscaler_demo.yml')) as f:
+        opt = yaml.safe_load(f)
+    tiny = yaml.safe_load((workdir / 'train.yml').read_text())
+    for key in ('network_grm', 'datasets', 'logger', 'sampler'):
+        opt[key] = tiny[key]
+    opt['name'] = 'tiny_ps'
+    opt['network_dit'].update(hidden_size=32, depth=1, num_heads=2, prompt_dim=16)
+    opt['network_texture'].update(dim=16, depth=1, num_heads=2)
+    opt['rtm']['path'] = str(rtm)
+    opt['train'].update(total_iter=4, grm_iters=2, gt_size=64, patches_per_image=2)
+    opt['train']['scheduler']['periods'] = [4]
+    opt['val']['val_freq'] = 4
+    opt['logger']['save_checkpoint_freq'] = 4
+    (workdir / 'train_ps.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
+    _run([osp.join(REPO, 'tools', 'train.py'), '-opt', 'train_ps.yml'], cwd=workdir)
+    exp = workdir / 'experiments' / 'tiny_ps'
+    log = _log(exp)
+    assert 'iter 3: GRM frozen after 2 iterations' in log
+    assert re.search(r'x0-prediction MSE on demo_val \(fixed noise\): t=49: [\d.e+-]+, .*; y0 itself', log)
+    assert re.search(r'# psnr: [\d.]+\t\(GRM: [\d.]+, gain [-+][\d.]+; bicubic: [\d.]+', log), log[-2000:]
+    assert re.search(r'PGS grading of demo_val .* sampled \d+ patch evaluations and [\d.]+ s per image', log)
+    for name in ('grm', 'dit', 'texture'):
+        assert (exp / 'models' / f'net_{name}_latest.pth').is_file()
+
+    with open(osp.join(REPO, 'options', 'demo', 'test_patchscaler_demo.yml')) as f:
+        test_opt = yaml.safe_load(f)
+    for key in ('network_grm', 'network_dit', 'network_texture', 'rtm', 'sampler'):
+        test_opt[key] = opt[key]
+    test_opt['datasets'] = {'test_1': dict(opt['datasets']['val_unseen'], name='demo_val_unseen')}
+    models = exp / 'models'
+    test_opt['path'].update({f'pretrain_network_{n}': str(models / f'net_{n}_latest.pth')
+                             for n in ('grm', 'dit', 'texture')})
+    (workdir / 'test_ps.yml').write_text(yaml.safe_dump(test_opt, sort_keys=False))
+    _run([osp.join(REPO, 'tools', 'test.py'), '-opt', 'test_ps.yml'], cwd=workdir)
+    results = workdir / 'results' / 'demo_patchscaler_x4_test' / 'visualization' / 'demo_val_unseen'
+    assert len(glob.glob(str(results / '*_compare.png'))) == 4 and len(glob.glob(str(results / '*_pgs.png'))) == 4
+
+    proc = _run([osp.join(REPO, 'tools', 'infer.py'), '-i', str(workdir / 'demo' / 'val_unseen' / 'LR_x4'),
+                 '-o', 'sr', '--opt', 'test_ps.yml', '--ckpt', str(exp), '--save-qmap', '--no-progress'], cwd=workdir)
+    assert '4 image(s) written, 0 failed' in proc.stdout and '% saved)' in proc.stdout
+    import cv2
+    lr = cv2.imread(glob.glob(str(workdir / 'demo' / 'val_unseen' / 'LR_x4' / '*.png'))[0])
+    sr = cv2.imread(glob.glob(str(workdir / 'sr' / '*_qmap.png'))[0].replace('_qmap', ''))
+    assert sr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)

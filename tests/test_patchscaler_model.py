@@ -165,3 +165,18 @@ def test_tiled_autoencoder_in_the_pipeline_matches_untiled(tiny_patchscaler, tmp
     model.tile, model.tile_overlap = 32, 8
     tiled = model.pipeline()(lq, refine=False).sr
     assert torch.allclose(full, tiled, atol=1e-5)  # pixel unshuffle is pointwise: tiling is exact
+
+
+def test_validation_x0_loss_of_a_fresh_patch_dit_equals_y0s(tiny_patchscaler, tmp_path):
+    """A fresh Patch-DiT returns y0 at every t, so each x0-prediction MSE equals y0's; training moves them."""
+    opt, _ = tiny_patchscaler
+    torch.manual_seed(0)
+    model = _model(opt, tmp_path)
+    model.feed_data(_batch(5))
+    errs = model.x0_errors()
+    assert errs.shape == (5,) and torch.allclose(errs[:4], errs[4].expand(4))
+    for it in range(1, 4):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+    model.feed_data(_batch(5))
+    assert not torch.allclose(model.x0_errors()[:4], errs[:4])

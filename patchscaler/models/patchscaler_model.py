@@ -40,13 +40,14 @@ from tqdm import tqdm
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
 from patchscaler.data.degradation import RealESRGANDegradation
 from patchscaler.models.pipeline import PatchScalerPipeline, autocast_dtype, build_denoiser, build_rtm_for
-from patchscaler.models.validation import STAGE_SUFFIXES, log_metrics, log_pgs, save_visuals
+from patchscaler.models.validation import STAGE_SUFFIXES, log_metrics, log_pgs, log_x0_errors, save_visuals
 from patchscaler.sampling import build_sampler
 from patchscaler.sampling.schedules import q_sample
 from patchscaler.utils.checkpoint import load_weights
 from patchscaler.utils.errors import ConfigError
 
 STAGES = ('grm', 'full')
+X0_TIMESTEPS = (49, 249, 499, 799)  # where validation measures the x0-prediction loss
 
 
 def random_patches(tensors, size, count, generator=None):
@@ -88,6 +89,9 @@ class PatchScalerModel(BaseModel):
                                              if denoiser is not None else None)
         self.sampler = build_sampler(sampler_opt) if sampler_opt else None
         self.rtm = build_rtm_for(opt, self.autoencoder, denoiser, self.device)
+        # ᾱ of Eq. 4: training noises with the table PGS samples with
+        self.alphas_cumprod = self.sampler.scheduler.alphas_cumprod.to(self.device, torch.float32) \
+            if self.sampler is not None else None
         self.pgs_groups = self.report = None
         self._load_pretrained(self.net_grm, 'grm')
         if denoiser is not None:
@@ -146,7 +150,6 @@ class PatchScalerModel(BaseModel):
                               f'the V={v} patches Patch-DiT trains on')
         self.patches_per_image = int(train_opt.get('patches_per_image', 8))
         self.cri_x0 = build_loss(dict(train_opt.get('x0_opt', {'type': 'MSELoss'}))).to(self.device)
-        self.alphas_cumprod = self.sampler.scheduler.alphas_cumprod.to(self.device, torch.float32)
         if 'optim_g' not in train_opt:
             raise ConfigError("train.stage 'full' needs train.optim_g (Patch-DiT + texture encoder optimizer)")
         optim_opt = dict(train_opt['optim_g'])
@@ -258,6 +261,33 @@ class PatchScalerModel(BaseModel):
             shape = (self.lq.shape[0], 1, *self.confidence.shape[-2:])
             self.pgs_groups = self.sampler.assign(self.confidence, shape)
 
+    @torch.no_grad()
+    def x0_errors(self):
+        """The x0-prediction loss on this validation image, at fixed timesteps and noise: MSE to the HR latent of
+        the denoiser's x0 from x_t (Eq. 4) for each t of :data:`X0_TIMESTEPS`, then of y0 itself (what it must
+        beat). Deterministic, so successive validations show whether the diffusion stage is learning."""
+        net = self.net_g_ema if self.net_g_ema is not None else self.get_bare_model(self.net_g)
+        d, v = self.autoencoder.downscale_factor, net.patch_size
+        y_lr, _, _ = self.encode_lr(self.lq)
+        x_hr = self.autoencoder.encode(pad_to_multiple(self.gt, d)[0])
+        y_hr = self.get_bare_model(self.net_grm)(y_lr)[0].float()
+        h, w = x_hr.shape[-2:]
+        if h < v or w < v:
+            return torch.full((len(X0_TIMESTEPS) + 1,), float('nan'))
+        crops = [(t, le) for t in range(0, h - v + 1, v) for le in range(0, w - v + 1, v)]
+        x0 = torch.cat([x_hr[..., t:t + v, le:le + v] for t, le in crops])
+        y0 = torch.cat([y_hr[..., t:t + v, le:le + v] for t, le in crops])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
+        cond = {'y0': y0}
+        if self.rtm is not None:
+            cond.update(net.encode_prompt(*self.rtm.query(y0)))
+        errs = []
+        for t in X0_TIMESTEPS:
+            a_bar = self.alphas_cumprod[t]
+            tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+            errs.append(F.mse_loss(net(q_sample(x0, noise, a_bar), tt, cond).float(), x0))
+        return torch.stack(errs + [F.mse_loss(y0, x0)]).cpu()
+
     def get_current_visuals(self):
         out = OrderedDict(lq=self.lq.detach().cpu(), result=self.output.detach().cpu(),
                           bicubic=self.bicubic.detach().cpu(), confidence=self.confidence.detach().cpu())
@@ -274,7 +304,7 @@ class PatchScalerModel(BaseModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         metrics = self.opt['val'].get('metrics') or {}
-        sums, count, skipped, pgs_counts, nfe_done, seconds, images = {}, 0, [], [], 0, 0.0, 0
+        sums, count, skipped, pgs_counts, nfe_done, seconds, images, x0_sums = {}, 0, [], [], 0, 0.0, 0, []
         for val_data in tqdm(dataloader, desc=f'val {dataset_name}', unit='img', leave=False,
                              disable=not self.opt['val'].get('pbar', True)):
             name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
@@ -304,11 +334,15 @@ class PatchScalerModel(BaseModel):
                             sums[key] = sums.get(key, 0.0) + calculate_metric(
                                 {'img': outputs[suffix], 'img2': gt_img}, metric_opt)
                 count += 1
+                if self.net_g is not None:
+                    x0_sums.append(self.x0_errors())
         if skipped:
             get_root_logger().warning(f'{dataset_name}: skipped {len(skipped)} unreadable image(s):\n  ' +
                                       '\n  '.join(skipped))
         self.metric_results = {k: v / count for k, v in sums.items()} if count else {}
         log_metrics(self, current_iter, dataset_name, tb_logger)
+        if x0_sums:
+            log_x0_errors(torch.stack(x0_sums).nanmean(0), X0_TIMESTEPS, dataset_name, current_iter, tb_logger)
         if pgs_counts:
             diffusion = self.net_g is not None
             log_pgs(self.sampler, torch.cat(pgs_counts), dataset_name, current_iter, tb_logger,

@@ -34,6 +34,17 @@ def log_metrics(model, current_iter, dataset_name, tb_logger):
             tb_logger.add_scalar(f'metrics/{dataset_name}/{metric}', value, current_iter)
 
 
+def log_x0_errors(errors, timesteps, dataset_name, current_iter, tb_logger):
+    """x0-prediction MSE per timestep (and of y0 alone, the last entry), as one log line and TensorBoard scalars."""
+    parts = ', '.join(f't={t}: {e:.3e}' for t, e in zip(timesteps, errors.tolist()))
+    get_root_logger().info(f'x0-prediction MSE on {dataset_name} (fixed noise): {parts}; y0 itself: '
+                           f'{float(errors[-1]):.3e}')
+    if tb_logger:
+        for t, e in zip(timesteps, errors.tolist()):
+            tb_logger.add_scalar(f'x0_mse/{dataset_name}/t{t}', e, current_iter)
+        tb_logger.add_scalar(f'x0_mse/{dataset_name}/y0', float(errors[-1]), current_iter)
+
+
 def log_pgs(sampler, groups, dataset_name, current_iter, tb_logger, nfe_done=None, seconds=None, images=0):
     """Group shares and NFE against uniform sampling; with a diffusion run, NFE done and time per image."""
     nfe, uniform = sampler.nfe(groups)

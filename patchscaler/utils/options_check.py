@@ -176,6 +176,16 @@ def check_options(opt):
         if isinstance(opt['sampler'], str):
             check_path('sampler', opt['sampler'])
         build_sampler(opt['sampler'])
+    if opt.get('rtm') is not None:
+        rtm = opt['rtm']
+        if not isinstance(rtm, dict) or 'type' not in rtm or 'path' not in rtm:
+            raise ConfigError("rtm must be a mapping with 'type' and 'path' (a memory built by tools/build_rtm.py)")
+        from patchscaler.registry import RETRIEVERS
+        registry_get(RETRIEVERS, rtm['type'], 'rtm')
+        check_keys('rtm.', rtm, {'type', 'path', 'top_k', 'backend', 'texture_classifier'})
+        if not os.path.isfile(rtm['path']):
+            raise ConfigError(f"rtm.path {rtm['path']} does not exist; build it with tools/build_rtm.py (the demo: "
+                              f"python tools/build_rtm.py -opt options/demo/build_rtm_demo.yml)")
     if not isinstance(opt['datasets'], dict) or not opt['datasets']:
         raise ConfigError("'datasets' must map phases (train, val, test_1, ...) to dataset options")
     for phase, ds in opt['datasets'].items():
