@@ -58,8 +58,7 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
     from basicsr.archs import build_network
 
     from patchscaler.archs.autoencoder_arch import build_autoencoder
-    from patchscaler.models.pipeline import PatchScalerPipeline, build_denoiser, build_rtm_for
-    from patchscaler.sampling import build_sampler
+    from patchscaler.models.pipeline import PatchScalerPipeline, build_denoiser, build_rtm_for, build_sampler_for
     from patchscaler.utils.checkpoint import load_weights
 
     for key in ('scale', 'autoencoder', 'network_grm'):
@@ -77,6 +76,9 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
         nets['dit'] = denoiser.dit
         if denoiser.texture_encoder is not None:
             nets['texture'] = denoiser.texture_encoder
+    if ckpt and set(nets) - set(files):
+        raise CheckpointError(f'--ckpt {ckpt} has no net_{sorted(set(nets) - set(files))[0]}_*.pth; networks of '
+                              f'different runs are not mixed')
     for name, net in nets.items():
         file = files.get(name) or path.get(f'pretrain_network_{name}')
         if not file:
@@ -87,9 +89,8 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
         key = 'params_ema' if name in files else path.get(f'param_key_{name}', 'params_ema')
         load_weights(net, file, key, path.get(f'strict_load_{name}', True), where=f'network_{name}')
         net.to(device).eval().requires_grad_(False)
-    sampler = None
-    if denoiser is not None:
-        sampler = build_sampler(opt.get('sampler') or {'type': 'PatchGroupSampler', 'patch_size': denoiser.patch_size})
+    sampler = build_sampler_for(opt, denoiser) if denoiser is not None else None
+    if sampler is not None:
         sampler.progress = progress
     rtm = build_rtm_for(opt, autoencoder, denoiser, device)
     return PatchScalerPipeline(
@@ -111,6 +112,25 @@ def list_images(inputs):
             out.append((os.path.dirname(item) or '.', os.path.basename(item)))
         else:
             raise DataError(f'input not found: {item}')
+    return out
+
+
+def output_names(images, out_dir, suffix=''):
+    """``<out_dir>/<relative stem><suffix>`` per image; two inputs that would share a name (a.jpg and a.png, or
+    the same name in two input folders) keep their extension in it, and no output may replace an input."""
+    stems = [os.path.join(out_dir, os.path.splitext(rel)[0] + suffix) for _, rel in images]
+    taken = {}
+    for stem in stems:
+        taken[stem] = taken.get(stem, 0) + 1
+    out = []
+    for (_root, rel), stem in zip(images, stems):
+        if taken[stem] > 1:
+            stem = os.path.join(out_dir, rel.replace('.', '_') + suffix)
+        out.append(stem)
+    inputs = {os.path.realpath(os.path.join(root, rel)) for root, rel in images}
+    if len(set(out)) < len(out) or any(os.path.realpath(stem + '.png') in inputs for stem in out):
+        raise DataError(f'outputs in {out_dir} would overwrite inputs or each other; choose another -o folder '
+                        f'(or --suffix)')
     return out
 
 
@@ -157,8 +177,22 @@ def upscale_array(pipeline, img, alpha=None, seed=0):
     return np.ascontiguousarray(sr), sr_alpha, out
 
 
-def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True, log=print):
+def _upscale_file(pipeline, path, stem, seed, write):
+    """Read, super-resolve and write one image in its own format; returns the PipelineOutput."""
+    img, alpha = read_image(path, with_alpha=True)
+    gray = np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+    bits = _bit_depth(path)
+    sr, sr_alpha, out = upscale_array(pipeline, img, alpha, seed)
+    arr = sr.mean(2, keepdims=True) if gray else sr
+    if sr_alpha is not None:  # OpenCV writes no gray+alpha PNG: gray with alpha becomes BGRA
+        arr = np.concatenate([np.repeat(arr, 3, 2) if gray else arr, sr_alpha[..., None]], 2)
+    write(stem + '.png', _to_file_array(arr, bits))
+    return out
+
+
+def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True):
     """Super-resolve every image of ``inputs`` into ``out_dir`` (subfolders kept); returns an InferSummary."""
+    from basicsr.utils import tensor2img
     from tqdm import tqdm
 
     from patchscaler.utils.checkpoint import atomic_write
@@ -180,38 +214,34 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
         if not ok[0]:
             raise DataError(f'cannot write {path}')
 
-    for root, rel in tqdm(images, desc='SR', unit='img', disable=not progress):
+    stems = output_names(images, out_dir, suffix)
+    for (root, rel), stem in tqdm(list(zip(images, stems)), desc='SR', unit='img', disable=not progress):
         path = os.path.join(root, rel)
-        stem = os.path.join(out_dir, os.path.splitext(rel)[0] + suffix)
         try:
-            img, alpha = read_image(path, with_alpha=True)
-            gray = np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
-            bits = _bit_depth(path)
-            sr, sr_alpha, out = upscale_array(pipeline, img, alpha, seed)
+            out = _upscale_file(pipeline, path, stem, seed, write)
+            if save_qmap and out.report is not None:
+                view, r = tensor2img([out.sr[0].cpu()]), out.report
+                write(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
+                write(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
+                                                                   size=(view.shape[1], view.shape[0])))
         except (PatchScalerError, OSError) as e:
             summary.failures.append((path, str(e).splitlines()[-1]))
             continue
-        except RuntimeError as e:  # out of memory on this image: the others may still fit
-            if 'out of memory' not in str(e).lower():
-                raise
-            summary.failures.append((path, 'out of memory (set tile smaller, or use a smaller image)'))
+        except Exception as e:  # noqa: BLE001 - one image's failure must not lose the others' results
+            if 'out of memory' in str(e).lower():
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                reason = 'out of memory (set tile smaller, or use a smaller image)'
+            else:
+                reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
+            summary.failures.append((path, reason))
             continue
-        arr = sr.mean(2, keepdims=True) if gray else sr
-        if sr_alpha is not None:
-            arr = np.concatenate([np.repeat(arr, 3, 2) if gray else arr, sr_alpha[..., None]], 2)
-        write(stem + '.png', _to_file_array(arr, bits))
         summary.written.append(stem + '.png')
         for k, v in out.seconds.items():
             summary.seconds[k] = summary.seconds.get(k, 0.0) + v
         if out.report is not None:
             summary.nfe += out.report.nfe_total
             summary.nfe_uniform += out.report.nfe_uniform
-            if save_qmap:
-                view = _to_file_array(sr, 8)
-                r = out.report
-                write(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
-                write(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
-                                                                   size=(sr.shape[1], sr.shape[0])))
         if progress and out.report is not None:
             tqdm.write(f'{rel}: {out.report.summary()}')
     return summary

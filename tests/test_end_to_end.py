@@ -170,7 +170,7 @@ def test_two_stage_demo_train_test_and_infer(workdir):
     opt['network_texture'].update(dim=16, depth=1, num_heads=2)
     opt['rtm']['path'] = str(rtm)
     opt['train'].update(total_iter=4, grm_iters=2, gt_size=64, patches_per_image=2)
-    opt['train']['scheduler']['periods'] = [4]
+    opt['train']['scheduler']['periods'] = [100]
     opt['val']['val_freq'] = 4
     opt['logger']['save_checkpoint_freq'] = 4
     (workdir / 'train_ps.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
@@ -183,6 +183,21 @@ def test_two_stage_demo_train_test_and_infer(workdir):
     assert re.search(r'PGS grading of demo_val .* sampled \d+ patch evaluations and [\d.]+ s per image', log)
     for name in ('grm', 'dit', 'texture'):
         assert (exp / 'models' / f'net_{name}_latest.pth').is_file()
+
+    # --auto_resume after the GRM stage: every network and the EMA come back, the GRM stays frozen
+    _run([osp.join(REPO, 'tools', 'train.py'), '-opt', 'train_ps.yml', '--auto_resume', '--force_yml',
+          'train:total_iter=6', 'val:val_freq=100'], cwd=workdir)
+    log = _log(exp)
+    assert 'Resuming training from epoch' in log and 'iter: 4' in log and 'iter 5: GRM frozen' in log
+    assert 'Loaded PatchDiT [params_ema]' in log and 'Loaded TextureEncoder [params_ema]' in log
+    assert (exp / 'models' / 'net_dit_6.pth').is_file() or (exp / 'models' / 'net_dit_latest.pth').is_file()
+
+    # both stages under torchrun with gloo: the prompt is encoded inside the DDP forward
+    _run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533',
+          osp.join(REPO, 'tools', 'train.py'), '-opt', 'train_ps.yml', '--launcher', 'pytorch', '--force_yml',
+          'name=tiny_ps_ddp', 'train:total_iter=2', 'train:grm_iters=1', 'val:val_freq=100',
+          'logger:save_checkpoint_freq=2'], cwd=workdir)
+    assert (workdir / 'experiments' / 'tiny_ps_ddp' / 'models' / 'net_dit_2.pth').is_file()
 
     with open(osp.join(REPO, 'options', 'demo', 'test_patchscaler_demo.yml')) as f:
         test_opt = yaml.safe_load(f)

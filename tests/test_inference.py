@@ -86,6 +86,19 @@ def test_an_image_too_small_for_the_model_is_one_clear_failure(trained, tmp_path
     assert not summary.written and 'needs at least 4 px per side' in summary.failures[0][1]
 
 
+def test_outputs_never_overwrite_inputs_or_each_other(trained, tmp_path):
+    from patchscaler.inference import list_images, output_names
+    src = tmp_path / 'in'
+    write_png(src / 'a.png', random_bgr(8, 8))
+    assert cv2.imwrite(str(src / 'a.jpg'), random_bgr(8, 8))
+    names = output_names(list_images([str(src)]), str(tmp_path / 'out'))
+    assert sorted(os.path.basename(n) for n in names) == ['a_jpg', 'a_png']  # both kept, told apart
+    opt_path, _ = trained
+    write_png(tmp_path / 'only' / 'b.png', random_bgr(8, 8))
+    proc = _infer(['-i', str(tmp_path / 'only'), '-o', str(tmp_path / 'only'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 2 and 'would overwrite inputs' in proc.stderr
+
+
 def test_ckpt_folder_replaces_the_option_paths(trained, tmp_path):
     opt_path, run = trained
     assert set(checkpoint_files(str(run))) == {'grm', 'dit', 'texture'}

@@ -112,13 +112,13 @@ def test_checkpoints_round_trip_and_another_config_is_refused(tiny_patchscaler, 
 
 def test_texture_encoder_runs_once_per_batch_of_patches_not_per_step(tiny_patchscaler, tmp_path):
     opt, _ = tiny_patchscaler
-    model = _model(opt, tmp_path, is_train=False)
-    enc = model.net_g.texture_encoder
-    calls = []
-    enc.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    dit_calls = []
-    model.net_g.dit.register_forward_hook(lambda m, i, o: dit_calls.append(i[0].shape[0]))
-    out = model.pipeline()(_batch(1, size=64)['lq'])
+    model = _model(opt, tmp_path)
+    pipe = model.pipeline()
+    assert pipe.denoiser is model.net_g_ema  # validation samples with the EMA weights
+    calls, dit_calls = [], []
+    pipe.denoiser.texture_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    pipe.denoiser.dit.register_forward_hook(lambda m, i, o: dit_calls.append(i[0].shape[0]))
+    out = pipe(_batch(1, size=64)['lq'])
     r = out.report
     assert len(calls) == r.cond_calls and sum(calls) == r.num_patches  # each patch's prompt computed once
     assert len(dit_calls) == r.denoiser_calls > len(calls) and sum(dit_calls) == r.nfe_total
@@ -130,7 +130,7 @@ def test_pipeline_without_prompt_and_grm_only(tiny_patchscaler, tmp_path):
     opt, _ = tiny_patchscaler
     no_prompt = {k: v for k, v in opt.items() if k not in ('network_texture', 'rtm')}
     no_prompt['network_dit'] = {k: v for k, v in opt['network_dit'].items() if k != 'prompt_dim'}
-    model = _model(no_prompt, tmp_path, is_train=False)
+    model = _model(no_prompt, tmp_path)
     assert model.rtm is None and model.net_g.texture_encoder is None
     lq = _batch(2)['lq']
     out = model.pipeline()(lq)
@@ -141,7 +141,7 @@ def test_pipeline_without_prompt_and_grm_only(tiny_patchscaler, tmp_path):
 
 def test_pipeline_errors(tiny_patchscaler, tmp_path):
     opt, _ = tiny_patchscaler
-    model = _model(opt, tmp_path, is_train=False)
+    model = _model(opt, tmp_path)
     pipe = model.pipeline()
     with pytest.raises(InputError, match='at least 1 px'):
         pipe(torch.rand(1, 3, 0, 5))
@@ -152,14 +152,16 @@ def test_pipeline_errors(tiny_patchscaler, tmp_path):
     with pytest.raises(ConfigError, match='patch_size'):
         sampler = type(model.sampler)(patch_size=16)
         PatchScalerPipeline(model.autoencoder, model.net_grm, 4, model.net_g, sampler, model.rtm)
+    with pytest.raises(InputError, match='smaller than the V=8'):
+        random_patches([torch.zeros(1, 12, 4, 8)], 8, 2)
     missing_rtm = {k: v for k, v in opt.items() if k != 'rtm'}
     with pytest.raises(ConfigError, match='needs an rtm'):
-        _model(missing_rtm, tmp_path / 'x', is_train=False)
+        _model(missing_rtm, tmp_path / 'x')
 
 
 def test_tiled_autoencoder_in_the_pipeline_matches_untiled(tiny_patchscaler, tmp_path):
     opt, _ = tiny_patchscaler
-    model = _model(opt, tmp_path, is_train=False)
+    model = _model(opt, tmp_path)
     lq = _batch(3, size=96)['lq'][:1]
     full = model.pipeline()(lq, refine=False).sr
     model.tile, model.tile_overlap = 32, 8
@@ -173,10 +175,12 @@ def test_validation_x0_loss_of_a_fresh_patch_dit_equals_y0s(tiny_patchscaler, tm
     torch.manual_seed(0)
     model = _model(opt, tmp_path)
     model.feed_data(_batch(5))
+    model.test()  # validation's order: the pipeline first, its y_HR then serves x0_errors
     errs = model.x0_errors()
     assert errs.shape == (5,) and torch.allclose(errs[:4], errs[4].expand(4))
     for it in range(1, 4):
         model.feed_data(_batch(it))
         model.optimize_parameters(it)
     model.feed_data(_batch(5))
+    model.test()
     assert not torch.allclose(model.x0_errors()[:4], errs[:4])

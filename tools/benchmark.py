@@ -225,7 +225,8 @@ def run_e2e(args):
     from patchscaler.utils.cli import load_option_file
     from patchscaler.utils.timing import measure
     opt = load_option_file(osp.join(REPO, args.e2e_opt))
-    trained = bool(args.e2e_ckpt and len(checkpoint_files(args.e2e_ckpt)) == 3)
+    ckpt = osp.join(REPO, args.e2e_ckpt) if args.e2e_ckpt else ''
+    trained = bool(ckpt and osp.isdir(ckpt) and len(checkpoint_files(ckpt)) == 3)
     if not trained:
         from basicsr.archs import build_network
         tmp = osp.join(args.out, 'random_init')
@@ -234,7 +235,9 @@ def run_e2e(args):
             torch.manual_seed(0)
             torch.save({'params': build_network(dict(opt[f'network_{name}'])).state_dict()},
                        osp.join(tmp, f'net_{name}_latest.pth'))
-    pipe = load_pipeline(opt, args.device, args.e2e_ckpt if trained else tmp)
+    if opt.get('rtm') and not osp.isabs(opt['rtm']['path']):
+        opt['rtm']['path'] = osp.join(REPO, opt['rtm']['path'])
+    pipe = load_pipeline(opt, args.device, ckpt if trained else tmp)
     from skimage import data
     img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
     lq = torch.nn.functional.interpolate(img, size=(args.e2e_lr, args.e2e_lr), mode='area')

@@ -55,8 +55,9 @@ class TextureEncoder(nn.Module):
                                        norm_first=True) for _ in range(depth))
         self.out_norm = nn.LayerNorm(dim, eps=1e-6)
         self.similarity_bias = similarity_bias
-        self.bias_scale = nn.Parameter(torch.tensor(8.0))
-        self.bias_shift = nn.Parameter(torch.tensor(-4.0))
+        if similarity_bias:  # only when used: DDP refuses parameters that get no gradient
+            self.bias_scale = nn.Parameter(torch.tensor(8.0))
+            self.bias_shift = nn.Parameter(torch.tensor(-4.0))
 
     def forward(self, priors, similarities):
         if not torch.is_tensor(priors) or priors.dim() != 5 or tuple(priors.shape[2:]) != (

@@ -39,20 +39,28 @@ from tqdm import tqdm
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
 from patchscaler.data.degradation import RealESRGANDegradation
-from patchscaler.models.pipeline import PatchScalerPipeline, autocast_dtype, build_denoiser, build_rtm_for
+from patchscaler.models.pipeline import (
+    PatchScalerPipeline,
+    autocast_dtype,
+    build_denoiser,
+    build_rtm_for,
+    build_sampler_for,
+)
 from patchscaler.models.validation import STAGE_SUFFIXES, log_metrics, log_pgs, log_x0_errors, save_visuals
-from patchscaler.sampling import build_sampler
 from patchscaler.sampling.schedules import q_sample
 from patchscaler.utils.checkpoint import load_weights
-from patchscaler.utils.errors import ConfigError
+from patchscaler.utils.errors import ConfigError, InputError
 
 STAGES = ('grm', 'full')
-X0_TIMESTEPS = (49, 249, 499, 799)  # where validation measures the x0-prediction loss
+X0_FRACTIONS = (0.05, 0.25, 0.5, 0.8)  # where validation measures the x0-prediction loss, as fractions of T
 
 
 def random_patches(tensors, size, count, generator=None):
     """``count`` random size×size crops per image, at the same positions in every tensor: (B·count, c, V, V)."""
     b, _, h, w = tensors[0].shape
+    if h < size or w < size:
+        raise InputError(f'the training latents are {h}×{w}, smaller than the V={size} patches Patch-DiT trains on; '
+                         f'set train.gt_size (HR crop) to at least V × the autoencoder factor')
     tops = torch.randint(0, h - size + 1, (b, count), generator=generator)
     lefts = torch.randint(0, w - size + 1, (b, count), generator=generator)
     out = []
@@ -85,9 +93,7 @@ class PatchScalerModel(BaseModel):
         self.net_g = self.model_to_device(denoiser) if denoiser is not None else None
         if denoiser is not None:
             self.print_network(self.net_g)
-        sampler_opt = opt.get('sampler') or ({'type': 'PatchGroupSampler', 'patch_size': denoiser.patch_size}
-                                             if denoiser is not None else None)
-        self.sampler = build_sampler(sampler_opt) if sampler_opt else None
+        self.sampler = build_sampler_for(opt, denoiser)
         self.rtm = build_rtm_for(opt, self.autoencoder, denoiser, self.device)
         # ᾱ of Eq. 4: training noises with the table PGS samples with
         self.alphas_cumprod = self.sampler.scheduler.alphas_cumprod.to(self.device, torch.float32) \
@@ -101,14 +107,21 @@ class PatchScalerModel(BaseModel):
         self.color_fix = opt.get('color_fix', True)
         self.tile, self.tile_overlap = opt.get('tile'), opt.get('tile_overlap', 64)
         self.net_g_ema = None
+        self.pipeline()  # checks sampler/V/prediction type/tile/autocast now, not at the first validation
         if self.is_train:
             self.init_training_settings()
 
     def _load_pretrained(self, net, name, param_key=None):
+        """``path.pretrain_network_<name>``; the key defaults to 'params' for training (resume: the EMA copy asks
+        for 'params_ema' itself) and to 'params_ema' for testing, as tools/infer.py does."""
         load_path = self.opt['path'].get(f'pretrain_network_{name}')
-        if load_path is not None:
-            key = param_key or self.opt['path'].get(f'param_key_{name}', 'params')
-            self.load_network(net, load_path, self.opt['path'].get(f'strict_load_{name}', True), key)
+        if load_path is None:
+            if not self.is_train:
+                raise ConfigError(f'testing needs weights for network_{name}: set path.pretrain_network_{name} '
+                                  f'(a net_{name}_*.pth of the training run)')
+            return
+        key = param_key or self.opt['path'].get(f'param_key_{name}', 'params' if self.is_train else 'params_ema')
+        self.load_network(net, load_path, self.opt['path'].get(f'strict_load_{name}', True), key)
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """BasicSR's, with one-line errors for a file from another configuration (and weights_only loading)."""
@@ -135,11 +148,13 @@ class PatchScalerModel(BaseModel):
         self.gt_size = train_opt.get('gt_size')
         self.autocast = autocast_dtype(train_opt.get('autocast'))
         self.degradation = RealESRGANDegradation(self.opt.get('degradation'), self.device)
+        if self.autocast == torch.float16:
+            raise ConfigError('train.autocast fp16 needs loss scaling, which this model does not do; use bf16')
+        if self.stage == 'full':  # first: BasicSR logs the learning rate of optimizers[0]
+            self._init_diffusion_training(train_opt)
         optim_opt = dict(train_opt['optim_grm'])
         self.optimizer_grm = self.get_optimizer(optim_opt.pop('type'), list(self.net_grm.parameters()), **optim_opt)
         self.optimizers.append(self.optimizer_grm)
-        if self.stage == 'full':
-            self._init_diffusion_training(train_opt)
         self.setup_schedulers()
 
     def _init_diffusion_training(self, train_opt):
@@ -149,6 +164,8 @@ class PatchScalerModel(BaseModel):
             raise ConfigError(f'train.gt_size {self.gt_size} gives a {self.gt_size // d}² latent, smaller than '
                               f'the V={v} patches Patch-DiT trains on')
         self.patches_per_image = int(train_opt.get('patches_per_image', 8))
+        if self.patches_per_image < 1:
+            raise ConfigError(f'train.patches_per_image must be >= 1, got {self.patches_per_image}')
         self.cri_x0 = build_loss(dict(train_opt.get('x0_opt', {'type': 'MSELoss'}))).to(self.device)
         if 'optim_g' not in train_opt:
             raise ConfigError("train.stage 'full' needs train.optim_g (Patch-DiT + texture encoder optimizer)")
@@ -216,11 +233,10 @@ class PatchScalerModel(BaseModel):
         a_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = q_sample(x0, torch.randn_like(x0), a_bar)
         self.optimizer_g.zero_grad(set_to_none=True)
+        cond = {'y0': y0}
+        if self.rtm is not None:
+            cond['priors'], cond['similarities'] = self.rtm.query(y0)  # encoded inside the (DDP) forward
         with self._autocast():
-            cond = {'y0': y0}
-            if self.rtm is not None:
-                priors, sims = self.rtm.query(y0)
-                cond.update(net.encode_prompt(priors, sims))
             pred = self.net_g(x_t, t, cond)
         l_x0 = self.cri_x0(pred.float(), x0)
         l_x0.backward()
@@ -252,6 +268,7 @@ class PatchScalerModel(BaseModel):
         for n, m in zip(nets, modes):
             n.train(m)
         self.output, self.bicubic, self.confidence, self.report = out.sr, out.bicubic, out.confidence, out.report
+        self.y_hr = out.y_hr
         self.grm_output = out.grm if out.report is not None else None
         self.pgs_groups = None
         if out.report is not None:
@@ -261,32 +278,41 @@ class PatchScalerModel(BaseModel):
             shape = (self.lq.shape[0], 1, *self.confidence.shape[-2:])
             self.pgs_groups = self.sampler.assign(self.confidence, shape)
 
+    def x0_timesteps(self):
+        """Where validation measures the x0-prediction loss: 5, 25, 50 and 80 % of the way to T."""
+        t_max = len(self.alphas_cumprod)
+        return tuple(max(0, round(f * t_max) - 1) for f in X0_FRACTIONS)
+
     @torch.no_grad()
     def x0_errors(self):
         """The x0-prediction loss on this validation image, at fixed timesteps and noise: MSE to the HR latent of
-        the denoiser's x0 from x_t (Eq. 4) for each t of :data:`X0_TIMESTEPS`, then of y0 itself (what it must
-        beat). Deterministic, so successive validations show whether the diffusion stage is learning."""
+        the denoiser's x0 from x_t (Eq. 4) at each of :meth:`x0_timesteps`, then of y0 itself (what it must
+        beat). Deterministic, so successive validations show whether the diffusion stage is learning. Uses the
+        y_HR of the last :meth:`test` and the pipeline's (tiled) encoder."""
         net = self.net_g_ema if self.net_g_ema is not None else self.get_bare_model(self.net_g)
-        d, v = self.autoencoder.downscale_factor, net.patch_size
-        y_lr, _, _ = self.encode_lr(self.lq)
-        x_hr = self.autoencoder.encode(pad_to_multiple(self.gt, d)[0])
-        y_hr = self.get_bare_model(self.net_grm)(y_lr)[0].float()
-        h, w = x_hr.shape[-2:]
+        pipe, v = self.pipeline(), net.patch_size
+        x_hr = pipe.encode(pad_to_multiple(self.gt, self.autoencoder.downscale_factor)[0])
+        y_hr = self.y_hr
+        h, w = min(x_hr.shape[-2], y_hr.shape[-2]), min(x_hr.shape[-1], y_hr.shape[-1])
         if h < v or w < v:
-            return torch.full((len(X0_TIMESTEPS) + 1,), float('nan'))
+            return torch.full((len(X0_FRACTIONS) + 1,), float('nan'))
         crops = [(t, le) for t in range(0, h - v + 1, v) for le in range(0, w - v + 1, v)]
         x0 = torch.cat([x_hr[..., t:t + v, le:le + v] for t, le in crops])
         y0 = torch.cat([y_hr[..., t:t + v, le:le + v] for t, le in crops])
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
-        cond = {'y0': y0}
-        if self.rtm is not None:
-            cond.update(net.encode_prompt(*self.rtm.query(y0)))
-        errs = []
-        for t in X0_TIMESTEPS:
-            a_bar = self.alphas_cumprod[t]
-            tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-            errs.append(F.mse_loss(net(q_sample(x0, noise, a_bar), tt, cond).float(), x0))
-        return torch.stack(errs + [F.mse_loss(y0, x0)]).cpu()
+        sums = torch.zeros(len(X0_FRACTIONS))
+        for i in range(0, len(x0), self.sampler.batch_size):
+            sl = slice(i, i + self.sampler.batch_size)
+            xb, yb, nb = x0[sl], y0[sl], noise[sl]
+            cond = {'y0': yb}
+            if self.rtm is not None:
+                cond.update(net.encode_prompt(*self.rtm.query(yb)))
+            for j, t in enumerate(self.x0_timesteps()):
+                tt = torch.full((len(xb),), t, device=xb.device, dtype=torch.long)
+                with pipe._autocast():
+                    pred = net(q_sample(xb, nb, self.alphas_cumprod[t]), tt, cond)
+                sums[j] += F.mse_loss(pred.float(), xb, reduction='sum').cpu()
+        return torch.cat([sums / x0.numel(), F.mse_loss(y0, x0).cpu()[None]])
 
     def get_current_visuals(self):
         out = OrderedDict(lq=self.lq.detach().cpu(), result=self.output.detach().cpu(),
@@ -304,9 +330,12 @@ class PatchScalerModel(BaseModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         metrics = self.opt['val'].get('metrics') or {}
+        max_images = self.opt['val'].get('max_images')  # under DDP the other ranks wait: keep validation short
         sums, count, skipped, pgs_counts, nfe_done, seconds, images, x0_sums = {}, 0, [], [], 0, 0.0, 0, []
         for val_data in tqdm(dataloader, desc=f'val {dataset_name}', unit='img', leave=False,
                              disable=not self.opt['val'].get('pbar', True)):
+            if max_images and images >= max_images:
+                break
             name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
             if 'error' in val_data:
                 skipped.append(val_data['error'][0])
@@ -342,7 +371,7 @@ class PatchScalerModel(BaseModel):
         self.metric_results = {k: v / count for k, v in sums.items()} if count else {}
         log_metrics(self, current_iter, dataset_name, tb_logger)
         if x0_sums:
-            log_x0_errors(torch.stack(x0_sums).nanmean(0), X0_TIMESTEPS, dataset_name, current_iter, tb_logger)
+            log_x0_errors(torch.stack(x0_sums).nanmean(0), self.x0_timesteps(), dataset_name, current_iter, tb_logger)
         if pgs_counts:
             diffusion = self.net_g is not None
             log_pgs(self.sampler, torch.cat(pgs_counts), dataset_name, current_iter, tb_logger,

@@ -69,6 +69,11 @@ class PromptedPatchDiT(nn.Module):
         return {'prompt': tokens, 'prompt_bias': bias}
 
     def forward(self, x_t, t, cond):
+        """``cond``: ``y0`` and either the encoded prompt (``prompt``, ``prompt_bias``: PGS encodes it once per
+        patch in ``prepare_cond``) or the raw ``priors`` and ``similarities`` (training: encoded here, inside
+        the forward, so DistributedDataParallel sees the encoder's parameters used)."""
+        if 'priors' in cond and self.texture_encoder is not None:
+            cond = {**cond, **self.encode_prompt(cond['priors'], cond['similarities'])}
         return self.dit(x_t, t, cond['y0'], cond.get('prompt'), cond.get('prompt_bias'))
 
 
@@ -89,6 +94,7 @@ class PipelineOutput:
     grm: torch.Tensor  # decoded y_HR, the GRM's coarse answer
     bicubic: torch.Tensor
     confidence: torch.Tensor  # (B, 1, h, w) over the latent of the output
+    y_hr: torch.Tensor = None  # the GRM's coarse latent (padded to the autoencoder's multiple)
     report: object = None  # PGSReport, None without a denoiser
     seconds: OrderedDict = field(default_factory=OrderedDict)
 
@@ -104,6 +110,9 @@ class PatchScalerPipeline:
         if denoiser is not None and sampler.patch_size != denoiser.patch_size:
             raise ConfigError(f'sampler.patch_size ({sampler.patch_size}) must equal network_dit.input_size '
                               f'({denoiser.patch_size}), the V both use')
+        if denoiser is not None and sampler.prediction_type != 'sample':
+            raise ConfigError(f"Patch-DiT predicts x0: the sampler's prediction_type must be 'sample', got "
+                              f"{sampler.prediction_type!r}")
         if denoiser is not None and denoiser.texture_encoder is not None and rtm is None:
             raise ConfigError('network_texture needs an RTM (the rtm option) to retrieve texture priors from')
         self.autoencoder, self.grm, self.scale = autoencoder, grm, int(scale)
@@ -188,7 +197,7 @@ class PatchScalerPipeline:
         conf = confidence[..., :-(-h // d), :-(-w // d)]
         grm_img = None if grm_img is None else grm_img.clamp(0, 1)
         return PipelineOutput(sr=sr.clamp(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,
-                              seconds=seconds)
+                              seconds=seconds, y_hr=y_hr)
 
 
 def build_denoiser(opt):
@@ -200,6 +209,14 @@ def build_denoiser(opt):
         return None
     texture = build_network(dict(opt['network_texture'])) if opt.get('network_texture') else None
     return PromptedPatchDiT(build_network(dict(opt['network_dit'])), texture)
+
+
+def build_sampler_for(opt, denoiser):
+    """``opt['sampler']`` (a dict or a YAML path), else the paper's PGS at the denoiser's V; None without either."""
+    from patchscaler.sampling import build_sampler
+    if opt.get('sampler'):
+        return build_sampler(opt['sampler'])
+    return build_sampler({'type': 'PatchGroupSampler', 'patch_size': denoiser.patch_size}) if denoiser else None
 
 
 def build_rtm_for(opt, autoencoder, denoiser, device):

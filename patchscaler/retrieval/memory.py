@@ -298,6 +298,9 @@ def _check_same_extractor(path, stored, now):
                           'must be projected by the same classifier (same weights) as the memory')
 
 
+RTM_OPTION_KEYS = ('path', 'top_k', 'backend', 'texture_classifier')  # the model's ``rtm`` section, besides type
+
+
 def build_retriever(opt, autoencoder=None, patch_size=None, device='cpu'):
     """An RTM from options: ``{type: ReferenceTextureMemory, path: ..., top_k: 4, backend: auto,
     texture_classifier: (optional override)}``, checked against the model's autoencoder and V."""
@@ -306,5 +309,5 @@ def build_retriever(opt, autoencoder=None, patch_size=None, device='cpu'):
         raise ConfigError(f"rtm options must be a mapping with 'type' and 'path', got {opt!r}")
     opt = dict(opt)
     cls = registry_get(RETRIEVERS, opt.pop('type'), 'rtm')
-    check_keys('rtm.', opt, {'path', 'top_k', 'backend', 'texture_classifier'})
+    check_keys('rtm.', opt, RTM_OPTION_KEYS)
     return cls.load(opt.pop('path'), autoencoder=autoencoder, patch_size=patch_size, device=device, **opt)

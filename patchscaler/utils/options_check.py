@@ -17,7 +17,7 @@ TOP_LEVEL_KEYS = {
     'world_size', 'auto_resume', 'root_path', 'sampler', 'rtm', 'color_fix', 'tile', 'tile_overlap', 'autocast'}
 SECTION_KEYS = {
     'logger': {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'},
-    'val': {'val_freq', 'save_img', 'metrics', 'pbar', 'suffix'},
+    'val': {'val_freq', 'save_img', 'metrics', 'pbar', 'suffix', 'max_images'},
     'path': None,  # checked by prefix below
 }
 PATH_PREFIXES = ('pretrain_network_', 'param_key_', 'strict_load_')
@@ -181,9 +181,10 @@ def check_options(opt):
         if not isinstance(rtm, dict) or 'type' not in rtm or 'path' not in rtm:
             raise ConfigError("rtm must be a mapping with 'type' and 'path' (a memory built by tools/build_rtm.py)")
         from patchscaler.registry import RETRIEVERS
+        from patchscaler.retrieval.memory import RTM_OPTION_KEYS, rtm_path
         registry_get(RETRIEVERS, rtm['type'], 'rtm')
-        check_keys('rtm.', rtm, {'type', 'path', 'top_k', 'backend', 'texture_classifier'})
-        if not os.path.isfile(rtm['path']):
+        check_keys('rtm.', rtm, {'type', *RTM_OPTION_KEYS})
+        if not os.path.isfile(rtm_path(rtm['path'])):
             raise ConfigError(f"rtm.path {rtm['path']} does not exist; build it with tools/build_rtm.py (the demo: "
                               f"python tools/build_rtm.py -opt options/demo/build_rtm_demo.yml)")
     if not isinstance(opt['datasets'], dict) or not opt['datasets']:
