@@ -187,8 +187,10 @@ def _dit_row(name, args, device):
         one = inputs(1)
         with FlopCounterMode(display=False) as counter:
             net(*one)
+        net.texture_encoder.train()  # eval mode takes nn.TransformerEncoderLayer's fused path, which the counter misses
         with FlopCounterMode(display=False) as enc_counter:
             net.encode_prompt(*priors(1))
+        net.texture_encoder.eval()
         batch = inputs(args.dit_batch)
     dtype = torch.bfloat16 if args.bf16 else None
 
