@@ -180,6 +180,7 @@ class PatchScalerModel(BaseModel):
             self._load_pretrained(ema.dit, 'dit', 'params_ema')
             if ema.texture_encoder is not None:
                 self._load_pretrained(ema.texture_encoder, 'texture', 'params_ema')
+
     def feed_data(self, data):
         """Training batches with kernels are degraded here; paired batches are used as given."""
         if self.is_train and 'kernel1' in data:
