@@ -65,7 +65,7 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
         if key not in opt:
             raise ConfigError(f"the option file has no '{key}' (use a PatchScaler test file such as "
                               f"options/test_patchscaler.yml)")
-    device = resolve_device(device if device is not None else opt.get('device'))
+    device = resolve_device(device)
     autoencoder = build_autoencoder(opt['autoencoder']).to(device)
     grm = build_network(dict(opt['network_grm']))
     denoiser = build_denoiser(opt)

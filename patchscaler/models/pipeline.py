@@ -130,7 +130,9 @@ class PatchScalerPipeline:
         return next(self.grm.parameters()).device
 
     def min_input_size(self):
-        """The smallest LR side that gives at least a 2×2 latent (the GRM reflect-pads its input)."""
+        """The smallest LR side that gives at least a 2×2 latent. A choice: below that (e.g. 2×2 px with the SD
+        VAE, a 1×1 latent) there is no spatial structure left for the GRM and PGS to work on, and a one-line
+        refusal is clearer than a meaningless image."""
         return max(1, -(-2 * self.autoencoder.downscale_factor // self.scale))
 
     def _autocast(self):
