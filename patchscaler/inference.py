@@ -60,11 +60,12 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
     from patchscaler.archs.autoencoder_arch import build_autoencoder
     from patchscaler.models.pipeline import PatchScalerPipeline, build_denoiser, build_rtm_for, build_sampler_for
     from patchscaler.utils.checkpoint import load_weights
-
+    from patchscaler.utils.options_check import check_networks
     for key in ('scale', 'autoencoder', 'network_grm'):
         if key not in opt:
             raise ConfigError(f"the option file has no '{key}' (use a PatchScaler test file such as "
                               f"options/test_patchscaler.yml)")
+    check_networks(opt)  # a misspelt network argument is one line, not a TypeError from a constructor
     device = resolve_device(device)
     autoencoder = build_autoencoder(opt['autoencoder']).to(device)
     grm = build_network(dict(opt['network_grm']))

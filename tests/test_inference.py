@@ -122,5 +122,9 @@ def test_option_and_checkpoint_problems_are_one_line(trained, tmp_path):
     proc = _infer(['-i', str(src), '-o', str(tmp_path / 'o'), '--opt', 'other.yml'], tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith('error: ') and 'does not fit network_dit' in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    opt['network_dit'] = dict(opt['network_dit'], hidden_size=32, hiden=2)
+    (tmp_path / 'typo.yml').write_text(yaml.safe_dump(opt))
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'o'), '--opt', 'typo.yml'], tmp_path)
+    assert proc.returncode == 2 and "network_dit.hiden" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = _infer(['-i', str(tmp_path / 'nothing'), '-o', str(tmp_path / 'o'), '--opt', opt_path], tmp_path)
     assert proc.returncode == 2 and 'input not found' in proc.stderr

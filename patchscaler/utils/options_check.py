@@ -72,6 +72,18 @@ def check_signature(cls, kwargs, where):
         raise ConfigError(f'{where} ({cls.__name__}) is missing required option(s) {missing}')
 
 
+def check_networks(opt):
+    """Every ``network_*`` section: a mapping whose ``type`` is a registered arch taking exactly its keys."""
+    from basicsr.archs import build_network  # noqa: F401  (fills ARCH_REGISTRY)
+    from basicsr.utils.registry import ARCH_REGISTRY
+    for key, net in opt.items():
+        if key.startswith('network_'):
+            if not isinstance(net, dict) or 'type' not in net:
+                raise ConfigError(f"{key} must be a mapping with a 'type'")
+            check_signature(registry_get(ARCH_REGISTRY, net['type'], key), {k: v for k, v in net.items()
+                                                                                  if k != 'type'}, key)
+
+
 def check_path(where, path):
     if path is None:
         return
@@ -161,12 +173,7 @@ def check_options(opt):
         check_keys('train.', opt['train'], train_keys)
     _check_train_section(opt.get('train') or {})
     _check_metrics((opt.get('val') or {}).get('metrics') or {})
-    for key, net in opt.items():
-        if key.startswith('network_'):
-            if not isinstance(net, dict) or 'type' not in net:
-                raise ConfigError(f"{key} must be a mapping with a 'type'")
-            check_signature(registry_get(ARCH_REGISTRY, net['type'], key), {k: v for k, v in net.items()
-                                                                                  if k != 'type'}, key)
+    check_networks(opt)
     if isinstance(opt.get('autoencoder'), dict) and 'type' in opt['autoencoder']:
         ae = opt['autoencoder']
         check_signature(registry_get(ARCH_REGISTRY, ae['type'], 'autoencoder'),
