@@ -184,3 +184,24 @@ def test_built_from_the_demo_yaml():
     net = PromptedPatchDiT(dit, enc)
     y0 = torch.randn(2, 48, 16, 16)
     assert net(torch.randn(2, 48, 16, 16), torch.tensor([1, 2]), _cond(net, y0, 4)).shape == (2, 48, 16, 16)
+
+
+def test_paper_scale_options_are_consistent():
+    """train_patchscaler.yml and test_patchscaler.yml: the same networks; Patch-DiT B with its prompt runs on one
+    V=16 SD-latent patch; the PGS file's V and prediction type fit it."""
+    import yaml
+
+    from patchscaler.sampling import build_sampler
+    with open(f'{ROOT}/options/train_patchscaler.yml') as f:
+        train = yaml.safe_load(f)
+    with open(f'{ROOT}/options/test_patchscaler.yml') as f:
+        test = yaml.safe_load(f)
+    for key in ('autoencoder', 'network_grm', 'network_dit', 'network_texture', 'rtm', 'sampler', 'scale'):
+        assert train[key] == test[key], key
+    net = PromptedPatchDiT(build_network(dict(train['network_dit'])), build_network(dict(train['network_texture'])))
+    assert 150e6 < sum(p.numel() for p in net.dit.parameters()) < 170e6
+    sampler = build_sampler(f"{ROOT}/{train['sampler']}")
+    assert sampler.patch_size == net.patch_size == 16 and sampler.prediction_type == 'sample'
+    y0 = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net(torch.randn(1, 4, 16, 16), torch.tensor([999]), _cond(net, y0, 4)), y0)
