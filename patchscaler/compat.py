@@ -17,6 +17,9 @@ which row it answers.
    renamed (:func:`patchscaler.utils.checkpoint.atomic_save`).
 6. ``--launcher pytorch`` uses the global RANK as a GPU index and NCCL always: ``LOCAL_RANK`` picks the
    GPU, and gloo is used when there is no CUDA. DDP on CPU gets ``device_ids=None``.
+7. ``VGGFeatureExtractor`` (the perceptual loss) falls back to torchvision's download when
+   ``experiments/pretrained_models/vgg19-dcbb9e9d.pth`` is absent: a :class:`MissingWeightsError` naming the
+   file and where to put it instead (nothing is downloaded at run time).
 """
 import os
 import sys
@@ -154,6 +157,22 @@ def _wrap_load_network(original):
     return load_network
 
 
+def _guard_vgg_download():
+    import basicsr.archs.vgg_arch as vgg_arch
+    original = vgg_arch.VGGFeatureExtractor.__init__
+
+    def __init__(self, *args, **kwargs):
+        path = vgg_arch.VGG_PRETRAIN_PATH
+        if not os.path.isfile(path):
+            from patchscaler.utils.errors import MissingWeightsError
+            raise MissingWeightsError(
+                f'the perceptual loss needs VGG weights at {path} (torchvision\'s vgg19 ImageNet weights, '
+                f'vgg19-dcbb9e9d.pth), relative to the working directory; put the file there, or drop '
+                f'train.perceptual_opt (the demo baselines train without it). Nothing is downloaded.')
+        original(self, *args, **kwargs)
+    vgg_arch.VGGFeatureExtractor.__init__ = __init__
+
+
 def apply():
     """Apply every fix once; safe to call again."""
     global _applied
@@ -173,4 +192,5 @@ def apply():
     BaseModel.save_network = master_only(_save_network)
     BaseModel.save_training_state = master_only(_save_training_state)
     BaseModel.load_network = _wrap_load_network(BaseModel.load_network)
+    _guard_vgg_download()
     _applied = True
