@@ -16,6 +16,7 @@ from basicsr.models.srgan_model import SRGANModel
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from patchscaler.data.degradation import RealESRGANDegradation
+from patchscaler.utils.errors import DataError
 from patchscaler.utils.padding import pad_bottom_right
 
 
@@ -43,6 +44,9 @@ class SharedDegradationMixin:
             if getattr(self, 'degradation', None) is None:
                 self.degradation = RealESRGANDegradation(self.opt.get('degradation'), self.device)
             self.lq, self.gt = self.degradation(data, self.opt['scale'], self.opt['train'].get('gt_size'))
+        elif 'error' in data:  # an unreadable validation pair (the datasets report it instead of raising)
+            raise DataError(f'{data["error"][0]}; BasicSR\'s validation loop of this baseline cannot skip it: '
+                            f'remove or fix the file')
         else:
             self.lq = data['lq'].to(self.device)
             if 'gt' in data:
