@@ -51,6 +51,8 @@ class SharedDegradationMixin:
             self.lq = data['lq'].to(self.device)
             if 'gt' in data:
                 self.gt = data['gt'].to(self.device)
+            elif hasattr(self, 'gt'):  # an LR-only image must not be scored against the last training batch's GT
+                del self.gt
 
 
 @MODEL_REGISTRY.register()
