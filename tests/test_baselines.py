@@ -60,7 +60,8 @@ def test_perceptual_loss_without_vgg_weights_is_a_clear_error(tmp_path, monkeypa
 @pytest.mark.parametrize('name', ['train_patchscaler.yml', 'test_patchscaler.yml', 'baselines/train_realesrnet_x4.yml',
                                   'baselines/train_realesrgan_x4.yml', 'baselines/train_swinir_gan_x4.yml',
                                   'baselines/demo/train_realesrgan_demo.yml',
-                                  'baselines/demo/train_swinir_gan_demo.yml'])
+                                  'baselines/demo/train_swinir_gan_demo.yml', 'baselines/demo/test_realesrgan_demo.yml',
+                                  'baselines/demo/test_swinir_gan_demo.yml'])
 def test_option_files_pass_the_check(name, monkeypatch):
     """Keys, types, registry names and network arguments of every shipped option file. Datasets, weights and RTMs
     are not on a fresh machine, so paths are taken as present (the file itself is read before that)."""

@@ -95,7 +95,10 @@ def test_benchmark_patch_dit_and_end_to_end(tmp_path, monkeypatch, tiny_patchsca
     import benchmark
     opt, _ = tiny_patchscaler
     (tmp_path / 'tiny.yml').write_text(yaml.safe_dump(opt))
-    benchmark.main(['--parts', 'dit', 'e2e', '--dit-presets', 'tiny', '--dit-batch', '2', '--patch-size', '8',
+    monkeypatch.setattr(benchmark, 'BASELINES', {'tiny RRDBNet': dict(type='RRDBNet', num_in_ch=3, num_out_ch=3,
+                                                                       num_feat=8, num_block=1, num_grow_ch=4)})
+    benchmark.main(['--parts', 'dit', 'e2e', 'baselines', '--dit-presets', 'tiny', '--dit-batch', '2',
+                    '--patch-size', '8',
                     '--e2e-opt', str(tmp_path / 'tiny.yml'), '--e2e-ckpt', '', '--e2e-lr', '16', '--repeats', '1',
                     '--warmup', '0', '--out', str(tmp_path)])
     result = json.loads((tmp_path / 'benchmark.json').read_text())
@@ -109,7 +112,8 @@ def test_benchmark_patch_dit_and_end_to_end(tmp_path, monkeypatch, tiny_patchsca
     assert e2e['weights'] == 'random init' and set(e2e['stages_s']) == {'encode', 'grm', 'pgs', 'decode', 'color_fix'}
     assert sum(e2e['stage_share'].values()) == pytest.approx(1.0) and e2e['nfe'] <= e2e['nfe_uniform']
     table = (tmp_path / 'benchmark.md').read_text()
-    assert '| tiny |' in table and 'End to end' in table
+    assert '| tiny |' in table and 'End to end' in table and '| tiny RRDBNet |' in table
+    assert result['baselines']['rows'][0]['wall_s'] > 0 and result['baselines']['lr_size'] == 16
 
 
 def test_model_options_sampler_is_checked(demo_opt):

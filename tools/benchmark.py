@@ -256,6 +256,42 @@ def run_e2e(args):
             'patches_per_group': list(out.report.patches_per_group)}
 
 
+BASELINES = {  # the paper-scale generators of options/baselines/
+    'Real-ESRGAN (RRDBNet, 23 blocks)': dict(type='RRDBNet', num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23,
+                                             num_grow_ch=32),
+    'SwinIR-M (real-world, nearest+conv)': dict(type='SwinIR', upscale=4, in_chans=3, img_size=64, window_size=8,
+                                                img_range=1.0, depths=[6] * 6, embed_dim=180, num_heads=[6] * 6,
+                                                mlp_ratio=2, upsampler='nearest+conv', resi_connection='1conv'),
+}
+
+
+def run_baselines(args):
+    """Real-ESRGAN's and SwinIR's generators at paper size, random init, on the same --e2e-lr² input as e2e."""
+    from basicsr.archs import build_network
+    device, rows = torch.device(args.device), []
+    lq = torch.rand(1, 3, args.e2e_lr, args.e2e_lr, generator=torch.Generator().manual_seed(0)).to(device)
+    for name, net_opt in BASELINES.items():
+        net = build_network(dict(net_opt)).to(device).eval()
+
+        def call(net=net):
+            with torch.no_grad():
+                return net(lq)
+        t = measure_interleaved([call], device, args.repeats, args.warmup)[0]
+        rows.append({'model': name, 'params_m': sum(p.numel() for p in net.parameters()) / 1e6,
+                     'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb']})
+        print(f"{name}: {t['median_s']:.2f} s for {args.e2e_lr}->{4 * args.e2e_lr}", flush=True)
+    return {'lr_size': args.e2e_lr, 'rows': rows}
+
+
+def markdown_baselines(result):
+    b = result['baselines']
+    lines = [f"Baseline generators, random init, LR {b['lr_size']}² → ×4 on {result['device_name']} "
+             f"({result['device']}, {result['threads']} threads), median of {result['repeats']}:", '',
+             '| model | params (M) | wall (s) |', '| --- | ---: | ---: |']
+    lines += [f"| {r['model']} | {r['params_m']:.1f} | {r['wall_s']:.2f} |" for r in b['rows']]
+    return '\n'.join(lines) + '\n'
+
+
 def markdown_dit(result):
     d = result['dit']
     tokens = (d['patch_size'] // d['token_patch']) ** 2
@@ -295,6 +331,8 @@ def markdown(result):
         parts.append(markdown_dit(result))
     if 'e2e' in result:
         parts.append(markdown_e2e(result))
+    if 'baselines' in result:
+        parts.append(markdown_baselines(result))
     return '\n'.join(parts)
 
 
@@ -331,8 +369,8 @@ def parse_args(argv=None):
                    help='PGS group shares to time, e.g. 0.4/0.3/0.3')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e'],
-                   default=['pgs', 'retrieval', 'dit', 'e2e'])
+    p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e', 'baselines'],
+                   default=['pgs', 'retrieval', 'dit', 'e2e', 'baselines'])
     p.add_argument('--dit-presets', nargs='+', choices=sorted(MODELS), default=['S', 'B', 'L'])
     p.add_argument('--dit-batch', type=int, default=8, help='dit: patches per timed Patch-DiT call')
     p.add_argument('--e2e-opt', default='options/demo/test_patchscaler_demo.yml', help='e2e: model options')
@@ -356,6 +394,8 @@ def main(argv=None):
         result['dit'] = run_dit(args)
     if 'e2e' in args.parts:
         result['e2e'] = run_e2e(args)
+    if 'baselines' in args.parts:
+        result['baselines'] = run_baselines(args)
     result['repeats'] = args.repeats
     os.makedirs(args.out, exist_ok=True)
     with open(osp.join(args.out, 'benchmark.json'), 'w') as f:
