@@ -21,18 +21,10 @@ import numpy as np
 import torch
 
 from patchscaler.data.image_io import IMG_EXTENSIONS, read_image
+from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import CheckpointError, ConfigError, DataError, PatchScalerError
 
 NETWORKS = ('grm', 'dit', 'texture')
-
-
-def resolve_device(device=None):
-    if device in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(f'device {device} requested but no CUDA device is available')
-    return device
 
 
 def checkpoint_files(ckpt):

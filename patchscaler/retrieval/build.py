@@ -9,6 +9,7 @@ import torch
 
 from patchscaler.registry import AUTOENCODERS
 from patchscaler.utils.checkpoint import atomic_write
+from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import ConfigError
 from patchscaler.utils.options_check import build_from_registry, check_keys, check_path
 
@@ -73,18 +74,6 @@ def check_rtm_options(opt, check_paths=True):
 def _integer(name, value, lowest=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
         raise ConfigError(f'{name} must be an integer >= {lowest}, got {value!r}')
-
-
-def resolve_device(device):
-    if device in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(f'device {device} asked for but this torch sees no GPU')
-    return device
 
 
 def build_rtm_from_options(opt, device=None, output=None, progress=True, log=print):

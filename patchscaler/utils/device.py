@@ -1,5 +1,8 @@
-"""Where a module's parameters live, for feeding it inputs (weight-free modules: the given default)."""
+"""Devices: where a module's parameters live (weight-free modules: the given default), and the device an option
+or a ``--device`` flag names."""
 import torch
+
+from .errors import ConfigError
 
 
 def placement(module, device='cpu'):
@@ -8,3 +11,16 @@ def placement(module, device='cpu'):
     if param is None:
         return torch.device(device), torch.float32
     return param.device, param.dtype
+
+
+def resolve_device(device=None):
+    """``None``/'auto' -> CUDA when available, else CPU; 'cpu', 'cuda', 'cuda:N' as given, checked (one-line errors)."""
+    if device in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'device {device} asked for but this torch sees no GPU')
+    return device
