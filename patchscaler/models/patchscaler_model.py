@@ -41,10 +41,12 @@ from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multipl
 from patchscaler.data.degradation import RealESRGANDegradation
 from patchscaler.models.pipeline import (
     PatchScalerPipeline,
+    autocast,
     autocast_dtype,
     build_denoiser,
     build_rtm_for,
     build_sampler_for,
+    upsample_lr,
 )
 from patchscaler.models.validation import STAGE_SUFFIXES, log_metrics, log_pgs, log_x0_errors, save_visuals
 from patchscaler.sampling.schedules import q_sample
@@ -190,17 +192,16 @@ class PatchScalerModel(BaseModel):
             self.gt = data['gt'].to(self.device) if 'gt' in data else None
 
     def encode_lr(self, lq):
-        """Bicubic ×scale, pad to the autoencoder's multiple, encode. Returns (y_LR, bicubic image, (H, W))."""
-        up = F.interpolate(lq, scale_factor=self.scale, mode='bicubic', align_corners=False).clamp(0, 1)
-        padded, size = pad_to_multiple(up, self.autoencoder.downscale_factor)
-        return self.autoencoder.encode(padded), up, size
+        """y_LR: the bicubic ×scale of ``lq``, padded to the autoencoder's multiple, encoded (as the pipeline does)."""
+        up = upsample_lr(lq, self.scale)
+        return self.autoencoder.encode(pad_to_multiple(up, self.autoencoder.downscale_factor)[0])
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        return autocast(self.device, self.autocast)
 
     def optimize_parameters(self, current_iter):
         with torch.no_grad():
-            y_lr, _, _ = self.encode_lr(self.lq)
+            y_lr = self.encode_lr(self.lq)
             x_hr = self.autoencoder.encode(pad_to_multiple(self.gt, self.autoencoder.downscale_factor)[0])
         log = OrderedDict()
         if current_iter <= self.grm_iters:

@@ -41,6 +41,17 @@ def autocast_dtype(name):
     return AUTOCAST[name]
 
 
+def autocast(device, dtype):
+    """``torch.autocast`` on ``device``'s type with ``dtype`` (from :func:`autocast_dtype`), off when it is None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def upsample_lr(lq, scale):
+    """The bicubic ×scale of the LR image the GRM starts from, clamped to [0, 1]: one definition for training,
+    validation and inference, which must see the same input."""
+    return F.interpolate(lq, scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
+
+
 class PromptedPatchDiT(nn.Module):
     """Patch-DiT with its (optional) texture encoder: the denoiser PGS calls, ``forward(x_t, t, cond)``."""
 
@@ -136,8 +147,7 @@ class PatchScalerPipeline:
         return max(1, -(-2 * self.autoencoder.downscale_factor // self.scale))
 
     def _autocast(self):
-        dev = self.device.type
-        return torch.autocast(dev, dtype=self.autocast, enabled=self.autocast is not None)
+        return autocast(self.device, self.autocast)
 
     def encode(self, images):
         fn = self.autoencoder.encode
@@ -174,7 +184,7 @@ class PatchScalerPipeline:
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
             return out
 
-        up = F.interpolate(lq, scale_factor=self.scale, mode='bicubic', align_corners=False).clamp(0, 1)
+        up = upsample_lr(lq, self.scale)
         h, w = up.shape[-2:]
         d = self.autoencoder.downscale_factor
         y_lr = timed('encode', lambda: self.encode(pad_to_multiple(up, d)[0]))
