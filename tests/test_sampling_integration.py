@@ -95,8 +95,9 @@ def test_benchmark_patch_dit_and_end_to_end(tmp_path, monkeypatch, tiny_patchsca
     import benchmark
     opt, _ = tiny_patchscaler
     (tmp_path / 'tiny.yml').write_text(yaml.safe_dump(opt))
-    monkeypatch.setattr(benchmark, 'BASELINES', {'tiny RRDBNet': dict(type='RRDBNet', num_in_ch=3, num_out_ch=3,
-                                                                       num_feat=8, num_block=1, num_grow_ch=4)})
+    import benchmark_networks
+    tiny = dict(type='RRDBNet', num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4)
+    monkeypatch.setattr(benchmark_networks, 'BASELINES', {'tiny RRDBNet': tiny})
     benchmark.main(['--parts', 'dit', 'e2e', 'baselines', '--dit-presets', 'tiny', '--dit-batch', '2',
                     '--patch-size', '8',
                     '--e2e-opt', str(tmp_path / 'tiny.yml'), '--e2e-ckpt', '', '--e2e-lr', '16', '--repeats', '1',

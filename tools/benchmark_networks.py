@@ -1,0 +1,176 @@
+"""The cost of the networks, for ``tools/benchmark.py --parts dit e2e baselines`` (the CLI and the other parts
+live there):
+
+- ``dit``: Patch-DiT per preset: parameters, GFLOPs per call of one patch (torch's FLOP counter), ms per patch,
+  with a K=4 texture prompt, and the texture encoder's cost (once per patch);
+- ``e2e``: a PatchScaler option file end to end on one image, split by pipeline stage (encode, GRM, PGS,
+  decode, color fix); the trained demo run's weights when present, else random init;
+- ``baselines``: Real-ESRGAN's and SwinIR's generators at paper size on the same input.
+"""
+import os
+import os.path as osp
+
+import torch
+
+from patchscaler.archs.patch_dit_arch import PatchDiT
+from patchscaler.utils.timing import measure_interleaved
+
+REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+MODELS = {'tiny': dict(hidden_size=192, depth=4, num_heads=3), 'S': dict(preset='S'), 'B': dict(preset='B'),
+          'L': dict(preset='L')}  # Patch-DiT sizes: the presets of patchscaler/archs/patch_dit_arch.py
+
+
+def _dit_row(name, args, device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from patchscaler.archs.texture_encoder_arch import TextureEncoder
+    from patchscaler.models.pipeline import PromptedPatchDiT
+    v, c, k = args.patch_size, args.latent_channels, args.top_k
+    torch.manual_seed(0)
+    net = PromptedPatchDiT(PatchDiT(c, v, 2, prompt_dim=384, **MODELS[name]),
+                           TextureEncoder(c, v, 4, dim=384, depth=2, num_heads=6)).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def priors(n):
+        return torch.randn(n, k, c, v, v, generator=g).to(device), torch.rand(n, k, generator=g).to(device)
+
+    def inputs(n):
+        y0, x_t = (torch.randn(n, c, v, v, generator=g).to(device) for _ in range(2))
+        return x_t, torch.full((n,), 500, device=device), {'y0': y0, **net.encode_prompt(*priors(n))}
+
+    with torch.no_grad():
+        one = inputs(1)
+        with FlopCounterMode(display=False) as counter:
+            net(*one)
+        net.texture_encoder.train()  # eval mode takes nn.TransformerEncoderLayer's fused path, which the counter misses
+        with FlopCounterMode(display=False) as enc_counter:
+            net.encode_prompt(*priors(1))
+        net.texture_encoder.eval()
+        batch = inputs(args.dit_batch)
+    dtype = torch.bfloat16 if args.bf16 else None
+
+    def call():
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return net(*batch)
+    t = measure_interleaved([call], device, args.repeats, args.warmup)[0]
+    return {'preset': name, 'params_m': sum(p.numel() for p in net.dit.parameters()) / 1e6,
+            'encoder_params_m': sum(p.numel() for p in net.texture_encoder.parameters()) / 1e6,
+            'gflops_per_call': counter.get_total_flops() / 1e9,
+            'encoder_gflops_per_patch': enc_counter.get_total_flops() / 1e9, 'batch': args.dit_batch,
+            'forward_s': t['median_s'], 'ms_per_patch': 1e3 * t['median_s'] / args.dit_batch,
+            'peak_mem_mb': t['peak_mem_mb']}
+
+
+def run_dit(args):
+    """Patch-DiT per preset: parameters, GFLOPs per call of one patch (torch's FLOP counter: matmuls and
+    attention, a multiply-add counted as 2), and forward time of a batch, with a K=4 texture prompt."""
+    device, rows = torch.device(args.device), []
+    for name in args.dit_presets:
+        r = _dit_row(name, args, device)
+        rows.append(r)
+        print(f"Patch-DiT {name}: {r['params_m']:.1f} M params, {r['gflops_per_call']:.2f} GFLOPs per patch call, "
+              f"{r['ms_per_patch']:.1f} ms per patch (batch {r['batch']})", flush=True)
+    return {'patch_size': args.patch_size, 'token_patch': 2, 'latent_channels': args.latent_channels,
+            'top_k': args.top_k, 'prompt_tokens': args.top_k * (args.patch_size // 4) ** 2, 'bf16': bool(args.bf16),
+            'rows': rows}
+
+
+def run_e2e(args):
+    """The demo model end to end, LR --e2e-lr² -> ×4 on one image, split by pipeline stage. Weights: the trained
+    demo run when it exists (realistic PGS groups), else random init (same cost, arbitrary groups)."""
+    from patchscaler.inference import checkpoint_files, load_pipeline
+    from patchscaler.utils.cli import load_option_file
+    from patchscaler.utils.timing import measure
+    opt = load_option_file(osp.join(REPO, args.e2e_opt))
+    ckpt = osp.join(REPO, args.e2e_ckpt) if args.e2e_ckpt else ''
+    trained = bool(ckpt and osp.isdir(ckpt) and len(checkpoint_files(ckpt)) == 3)
+    if not trained:
+        from basicsr.archs import build_network
+        tmp = osp.join(args.out, 'random_init')
+        os.makedirs(tmp, exist_ok=True)
+        for name in ('grm', 'dit', 'texture'):
+            torch.manual_seed(0)
+            torch.save({'params': build_network(dict(opt[f'network_{name}'])).state_dict()},
+                       osp.join(tmp, f'net_{name}_latest.pth'))
+    if opt.get('rtm') and not osp.isabs(opt['rtm']['path']):
+        opt['rtm']['path'] = osp.join(REPO, opt['rtm']['path'])
+    pipe = load_pipeline(opt, args.device, ckpt if trained else tmp)
+    from skimage import data
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    lq = torch.nn.functional.interpolate(img, size=(args.e2e_lr, args.e2e_lr), mode='area')
+    t = measure(lambda: pipe(lq, return_grm=False), args.device, args.repeats, args.warmup)
+    out = t['result']
+    stages = dict(out.seconds)
+    total = sum(stages.values())
+    print(f"end to end {args.e2e_lr}->{args.e2e_lr * pipe.scale}: {t['median_s']:.2f} s (" +
+          ', '.join(f'{k} {v:.2f} s' for k, v in stages.items()) + ')', flush=True)
+    return {'opt': args.e2e_opt, 'weights': 'trained demo run' if trained else 'random init', 'lr_size': args.e2e_lr,
+            'scale': pipe.scale, 'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb'],
+            'stages_s': stages, 'stage_share': {k: v / total for k, v in stages.items()},
+            'nfe': out.report.nfe_total, 'nfe_uniform': out.report.nfe_uniform,
+            'patches_per_group': list(out.report.patches_per_group)}
+
+
+BASELINES = {  # the paper-scale generators of options/baselines/
+    'Real-ESRGAN (RRDBNet, 23 blocks)': dict(type='RRDBNet', num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23,
+                                             num_grow_ch=32),
+    'SwinIR-M (real-world, nearest+conv)': dict(type='SwinIR', upscale=4, in_chans=3, img_size=64, window_size=8,
+                                                img_range=1.0, depths=[6] * 6, embed_dim=180, num_heads=[6] * 6,
+                                                mlp_ratio=2, upsampler='nearest+conv', resi_connection='1conv'),
+}
+
+
+def run_baselines(args):
+    """Real-ESRGAN's and SwinIR's generators at paper size, random init, on the same --e2e-lr² input as e2e."""
+    from basicsr.archs import build_network
+    device, rows = torch.device(args.device), []
+    lq = torch.rand(1, 3, args.e2e_lr, args.e2e_lr, generator=torch.Generator().manual_seed(0)).to(device)
+    for name, net_opt in BASELINES.items():
+        net = build_network(dict(net_opt)).to(device).eval()
+
+        def call(net=net):
+            with torch.no_grad():
+                return net(lq)
+        t = measure_interleaved([call], device, args.repeats, args.warmup)[0]
+        rows.append({'model': name, 'params_m': sum(p.numel() for p in net.parameters()) / 1e6,
+                     'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb']})
+        print(f"{name}: {t['median_s']:.2f} s for {args.e2e_lr}->{4 * args.e2e_lr}", flush=True)
+    return {'lr_size': args.e2e_lr, 'rows': rows}
+
+
+def markdown_baselines(result):
+    b = result['baselines']
+    lines = [f"Baseline generators, random init, LR {b['lr_size']}² → ×4 on {result['device_name']} "
+             f"({result['device']}, {result['threads']} threads), median of {result['repeats']}:", '',
+             '| model | params (M) | wall (s) |', '| --- | ---: | ---: |']
+    lines += [f"| {r['model']} | {r['params_m']:.1f} | {r['wall_s']:.2f} |" for r in b['rows']]
+    return '\n'.join(lines) + '\n'
+
+
+def markdown_dit(result):
+    d = result['dit']
+    tokens = (d['patch_size'] // d['token_patch']) ** 2
+    lines = [f"Patch-DiT per call of one V={d['patch_size']} patch (p={d['token_patch']}: {tokens} tokens; texture "
+             f"prompt K={d['top_k']}: {d['prompt_tokens']} tokens of width 384) on {result['device_name']} "
+             f"({result['device']}, {result['threads']} threads"
+             f"{', bf16' if d['bf16'] else ''}), median of {result['repeats']}:", '',
+             '| preset | params (M) | GFLOPs per call | ms per patch (batch) | texture encoder: params (M), GFLOPs '
+             'per patch |',
+             '| --- | ---: | ---: | ---: | --- |']
+    for r in d['rows']:
+        lines.append(f"| {r['preset']} | {r['params_m']:.1f} | {r['gflops_per_call']:.2f} | {r['ms_per_patch']:.1f} "
+                     f"({r['batch']}) | {r['encoder_params_m']:.1f}, {r['encoder_gflops_per_patch']:.3f} "
+                     "(once per patch) |")
+    return '\n'.join(lines) + '\n'
+
+
+def markdown_e2e(result):
+    e = result['e2e']
+    stages = ' | '.join(f"{v:.2f} s ({100 * e['stage_share'][k]:.0f}%)" for k, v in e['stages_s'].items())
+    return '\n'.join([
+        f"End to end, {e['opt']} ({e['weights']}), LR {e['lr_size']}² → ×{e['scale']} on {result['device_name']} "
+        f"({result['device']}, {result['threads']} threads), median of {result['repeats']}: "
+        f"PGS did {e['nfe']} patch evaluations vs {e['nfe_uniform']} uniform "
+        f"(groups {'/'.join(map(str, e['patches_per_group']))}).", '',
+        '| total | ' + ' | '.join(e['stages_s']) + ' |', '| ---: |' + ' ---: |' * len(e['stages_s']),
+        f"| {e['wall_s']:.2f} s | {stages} |"]) + '\n'
