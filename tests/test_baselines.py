@@ -1,4 +1,5 @@
 """Real-ESRGAN and SwinIR-GAN baselines: BasicSR's models and archs on PatchScaler's shared degradation."""
+import glob
 import os
 
 import pytest
@@ -57,11 +58,16 @@ def test_perceptual_loss_without_vgg_weights_is_a_clear_error(tmp_path, monkeypa
         build_model(opt)
 
 
-@pytest.mark.parametrize('name', ['train_patchscaler.yml', 'test_patchscaler.yml', 'baselines/train_realesrnet_x4.yml',
-                                  'baselines/train_realesrgan_x4.yml', 'baselines/train_swinir_gan_x4.yml',
-                                  'baselines/demo/train_realesrgan_demo.yml',
-                                  'baselines/demo/train_swinir_gan_demo.yml', 'baselines/demo/test_realesrgan_demo.yml',
-                                  'baselines/demo/test_swinir_gan_demo.yml'])
+SHIPPED = sorted(os.path.relpath(p, os.path.join(ROOT, 'options'))
+                 for p in glob.glob(os.path.join(ROOT, 'options', '**', '*.yml'), recursive=True)
+                 if 'model_type:' in open(p).read())
+
+
+def test_every_model_option_file_is_checked():
+    assert len(SHIPPED) >= 19 and 'stablesr/demo/test_stablesr_pgs_demo.yml' in SHIPPED
+
+
+@pytest.mark.parametrize('name', SHIPPED)
 def test_option_files_pass_the_check(name, monkeypatch):
     """Keys, types, registry names and network arguments of every shipped option file. Datasets, weights and RTMs
     are not on a fresh machine, so paths are taken as present (the file itself is read before that)."""

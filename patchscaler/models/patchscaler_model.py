@@ -49,7 +49,7 @@ from patchscaler.models.pipeline import (
     upsample_lr,
 )
 from patchscaler.models.validation import STAGE_SUFFIXES, log_metrics, log_pgs, log_x0_errors, save_visuals
-from patchscaler.sampling.schedules import q_sample
+from patchscaler.sampling.schedules import q_sample, to_x0_eps
 from patchscaler.utils.checkpoint import load_weights
 from patchscaler.utils.errors import ConfigError, InputError
 
@@ -79,6 +79,7 @@ class PatchScalerModel(BaseModel):
     (training only), ``train`` (see :attr:`TRAIN_OPTION_KEYS`), ``val`` (metrics as in BasicSR)."""
 
     REQUIRED_OPTION_KEYS = ('scale', 'autoencoder', 'network_grm')
+    method_name = 'PatchScaler (PGS)'  # the label of the final SR in the validation strips
     TRAIN_OPTION_KEYS = {'stage', 'total_iter', 'warmup_iter', 'optim_grm', 'optim_g', 'scheduler', 'confidence_opt',
                          'x0_opt', 'grad_clip', 'gt_size', 'grm_iters', 'patches_per_image', 'ema_decay', 'autocast'}
 
@@ -270,7 +271,7 @@ class PatchScalerModel(BaseModel):
         for n, m in zip(nets, modes):
             n.train(m)
         self.output, self.bicubic, self.confidence, self.report = out.sr, out.bicubic, out.confidence, out.report
-        self.y_hr = out.y_hr
+        self.y_hr, self.y_lr = out.y_hr, out.y_lr
         self.grm_output = out.grm if out.report is not None else None
         self.pgs_groups = None
         if out.report is not None:
@@ -288,37 +289,46 @@ class PatchScalerModel(BaseModel):
     @torch.no_grad()
     def x0_errors(self):
         """The x0-prediction loss on this validation image, at fixed timesteps and noise: MSE to the HR latent of
-        the denoiser's x0 from x_t (Eq. 4) at each of :meth:`x0_timesteps`, then of y0 itself (what it must
-        beat). Deterministic, so successive validations show whether the diffusion stage is learning. Uses the
-        y_HR of the last :meth:`test` and the pipeline's (tiled) encoder."""
+        the denoiser's x0 (its output converted by its prediction type) from x_t (Eq. 4) at each of
+        :meth:`x0_timesteps`, then of y0 itself (what it must beat). Deterministic, so successive validations
+        show whether the diffusion stage is learning. Uses the latents of the last :meth:`test` and the
+        pipeline's (tiled) encoder."""
         net = self.net_g_ema if self.net_g_ema is not None else self.get_bare_model(self.net_g)
         pipe, v = self.pipeline(), net.patch_size
         x_hr = pipe.encode(pad_to_multiple(self.gt, self.autoencoder.downscale_factor)[0])
-        y_hr = self.y_hr
-        h, w = min(x_hr.shape[-2], y_hr.shape[-2]), min(x_hr.shape[-1], y_hr.shape[-1])
+        sources = {'y0': self.y_hr, 'y_lr': self.y_lr}
+        keys = sorted({'y0', *getattr(net, 'cond_keys', ('y0',))})
+        h, w = min(x_hr.shape[-2], self.y_hr.shape[-2]), min(x_hr.shape[-1], self.y_hr.shape[-1])
         if h < v or w < v:
             return torch.full((len(X0_FRACTIONS) + 1,), float('nan'))
         crops = [(t, le) for t in range(0, h - v + 1, v) for le in range(0, w - v + 1, v)]
-        x0 = torch.cat([x_hr[..., t:t + v, le:le + v] for t, le in crops])
-        y0 = torch.cat([y_hr[..., t:t + v, le:le + v] for t, le in crops])
+
+        def cut(z):
+            return torch.cat([z[..., t:t + v, le:le + v] for t, le in crops])
+        x0, given = cut(x_hr), {k: cut(sources[k]) for k in keys}
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
         sums = torch.zeros(len(X0_FRACTIONS))
         for i in range(0, len(x0), self.sampler.batch_size):
             sl = slice(i, i + self.sampler.batch_size)
-            xb, yb, nb = x0[sl], y0[sl], noise[sl]
-            cond = {'y0': yb}
+            xb, nb = x0[sl], noise[sl]
+            cond = {k: given[k][sl] for k in getattr(net, 'cond_keys', ('y0',))}
             if self.rtm is not None:
-                cond.update(net.encode_prompt(*self.rtm.query(yb)))
+                cond.update(net.encode_prompt(*self.rtm.query(given['y0'][sl])))
             for j, t in enumerate(self.x0_timesteps()):
                 tt = torch.full((len(xb),), t, device=xb.device, dtype=torch.long)
+                a_bar = self.alphas_cumprod[t]
+                x_t = q_sample(xb, nb, a_bar)
                 with pipe._autocast():
-                    pred = net(q_sample(xb, nb, self.alphas_cumprod[t]), tt, cond)
-                sums[j] += F.mse_loss(pred.float(), xb, reduction='sum').cpu()
-        return torch.cat([sums / x0.numel(), F.mse_loss(y0, x0).cpu()[None]])
+                    pred = net(x_t, tt, cond)
+                pred = to_x0_eps(pred.float(), x_t, a_bar, getattr(net, 'prediction_type', 'sample'))[0]
+                sums[j] += F.mse_loss(pred, xb, reduction='sum').cpu()
+        return torch.cat([sums / x0.numel(), F.mse_loss(given['y0'], x0).cpu()[None]])
 
     def get_current_visuals(self):
         out = OrderedDict(lq=self.lq.detach().cpu(), result=self.output.detach().cpu(),
-                          bicubic=self.bicubic.detach().cpu(), confidence=self.confidence.detach().cpu())
+                          bicubic=self.bicubic.detach().cpu())
+        if self.confidence is not None:
+            out['confidence'] = self.confidence.detach().cpu()
         if self.grm_output is not None:
             out['grm'] = self.grm_output.detach().cpu()
         if self.gt is not None:

@@ -6,6 +6,10 @@
 Used by :class:`PatchScalerModel` for validation/testing and by ``tools/infer.py``. Each stage is timed
 (``PipelineOutput.seconds``: encode, grm, pgs, decode, color_fix), CUDA-synchronised.
 
+* Any denoiser with the sampler interface works (``StableSRUNet`` for StableSR and StableSR+PGS): it names
+  the conditioning it reads in ``cond_keys`` (``y0``: the coarse latent PGS starts from; ``y_lr``: the
+  encoded bicubic LR) and its ``prediction_type``. Without a GRM, y0 is y_LR itself and there is no
+  confidence map: the sampler must then have one group (uniform sampling, StableSR as published).
 * :class:`PromptedPatchDiT` joins Patch-DiT and the texture encoder into the one denoiser that is trained,
   EMA-averaged and handed to PGS: ``forward(x_t, t, cond)`` with ``cond = {y0, prompt, prompt_bias}``.
 * The texture prompt is made in PGS's ``prepare_cond``: once per batch of patches, RTM retrieval on the
@@ -71,6 +75,9 @@ class PromptedPatchDiT(nn.Module):
         self.dit = dit
         self.texture_encoder = texture_encoder
 
+    cond_keys = ('y0',)
+    prediction_type = 'sample'
+
     @property
     def patch_size(self):
         return self.dit.input_size
@@ -90,7 +97,7 @@ class PromptedPatchDiT(nn.Module):
 
 def make_prompt_fn(denoiser, rtm, top_k=None):
     """PGS ``prepare_cond``: retrieve the top-K priors for a batch of y0 patches and encode the prompt."""
-    if rtm is None or denoiser.texture_encoder is None:
+    if rtm is None or getattr(denoiser, 'texture_encoder', None) is None:
         return None
 
     def prepare(cond):
@@ -102,17 +109,19 @@ def make_prompt_fn(denoiser, rtm, top_k=None):
 @dataclass
 class PipelineOutput:
     sr: torch.Tensor  # (B, 3, H·s, W·s) in [0, 1]
-    grm: torch.Tensor  # decoded y_HR, the GRM's coarse answer
+    grm: torch.Tensor  # decoded y_HR, the GRM's coarse answer (None without a GRM)
     bicubic: torch.Tensor
-    confidence: torch.Tensor  # (B, 1, h, w) over the latent of the output
-    y_hr: torch.Tensor = None  # the GRM's coarse latent (padded to the autoencoder's multiple)
+    confidence: torch.Tensor  # (B, 1, h, w) over the latent of the output (None without a GRM)
+    y_hr: torch.Tensor = None  # the GRM's coarse latent (padded to the autoencoder's multiple); y_lr without a GRM
+    y_lr: torch.Tensor = None  # the encoded bicubic LR
     report: object = None  # PGSReport, None without a denoiser
     seconds: OrderedDict = field(default_factory=OrderedDict)
 
 
 class PatchScalerPipeline:
-    """Args: autoencoder, grm, scale; denoiser (PromptedPatchDiT | None: GRM only), sampler (PGS), rtm,
-    top_k; color_fix (bool); tile, tile_overlap (pixels of the HR image; None = never tile); autocast."""
+    """Args: autoencoder, grm (None: y0 = y_LR, uniform sampling), scale; denoiser (PromptedPatchDiT, another
+    sampler-interface denoiser, or None: GRM only), sampler (PGS), rtm, top_k; color_fix (bool); tile,
+    tile_overlap (pixels of the HR image; None = never tile); autocast."""
 
     def __init__(self, autoencoder, grm, scale, denoiser=None, sampler=None, rtm=None, top_k=None, color_fix=True,
                  tile=None, tile_overlap=64, autocast=None):
@@ -121,10 +130,15 @@ class PatchScalerPipeline:
         if denoiser is not None and sampler.patch_size != denoiser.patch_size:
             raise ConfigError(f'sampler.patch_size ({sampler.patch_size}) must equal network_dit.input_size '
                               f'({denoiser.patch_size}), the V both use')
-        if denoiser is not None and sampler.prediction_type != 'sample':
-            raise ConfigError(f"Patch-DiT predicts x0: the sampler's prediction_type must be 'sample', got "
-                              f"{sampler.prediction_type!r}")
-        if denoiser is not None and denoiser.texture_encoder is not None and rtm is None:
+        predicts = getattr(denoiser, 'prediction_type', 'sample')
+        if denoiser is not None and sampler.prediction_type != predicts:
+            raise ConfigError(f"{type(denoiser).__name__} predicts {predicts!r}: the sampler's prediction_type must "
+                              f"be the same, got {sampler.prediction_type!r}")
+        if grm is None and (denoiser is None or len(sampler.groups) > 1):
+            raise ConfigError('without a GRM there is no coarse latent nor confidence map: PGS with several groups '
+                              'needs network_grm (+ its weights); without one, configure a single group (uniform '
+                              'sampling)')
+        if denoiser is not None and getattr(denoiser, 'texture_encoder', None) is not None and rtm is None:
             raise ConfigError('network_texture needs an RTM (the rtm option) to retrieve texture priors from')
         self.autoencoder, self.grm, self.scale = autoencoder, grm, int(scale)
         self.denoiser, self.sampler, self.rtm, self.top_k = denoiser, sampler, rtm, top_k
@@ -138,7 +152,10 @@ class PatchScalerPipeline:
 
     @property
     def device(self):
-        return next(self.grm.parameters()).device
+        for net in (self.grm, self.denoiser):
+            if net is not None:
+                return next(net.parameters()).device
+        return torch.device('cpu')
 
     def min_input_size(self):
         """The smallest LR side that gives at least a 2×2 latent. A choice: below that (e.g. 2×2 px with the SD
@@ -188,14 +205,19 @@ class PatchScalerPipeline:
         h, w = up.shape[-2:]
         d = self.autoencoder.downscale_factor
         y_lr = timed('encode', lambda: self.encode(pad_to_multiple(up, d)[0]))
-        with self._autocast():
-            y_hr, confidence = timed('grm', lambda: self.grm(y_lr))
-        y_hr, confidence = y_hr.float(), confidence.float()
+        y_hr, confidence = y_lr, None
+        if self.grm is not None:
+            with self._autocast():
+                y_hr, confidence = timed('grm', lambda: self.grm(y_lr))
+            y_hr, confidence = y_hr.float(), confidence.float()
         report, x_hr = None, y_hr
         if refine and self.denoiser is not None:
+            given = {'y0': y_hr, 'y_lr': y_lr}
+            cond = {k: given[k] for k in getattr(self.denoiser, 'cond_keys', ('y0',))}
+
             def run_pgs():
                 with self._autocast():
-                    return self.sampler.sample(self.denoiser, y_hr, confidence, cond={'y0': y_hr},
+                    return self.sampler.sample(self.denoiser, y_hr, confidence, cond=cond,
                                                prepare_cond=make_prompt_fn(self.denoiser, self.rtm, self.top_k),
                                                seed=seed)
             x_hr, report = timed('pgs', run_pgs)
@@ -203,13 +225,13 @@ class PatchScalerPipeline:
         sr = timed('decode', lambda: self.decode(x_hr)[..., :h, :w])
         if report is not None and self.color_fix:  # the fix is for the diffusion stage's colour drift
             sr = timed('color_fix', lambda: wavelet_color_fix(sr, up))
-        grm_img = None
-        if return_grm:  # not timed: only validation and the comparison strips need it
-            grm_img = sr if report is None else self.decode(y_hr)[..., :h, :w]
-        conf = confidence[..., :-(-h // d), :-(-w // d)]
-        grm_img = None if grm_img is None else grm_img.clamp(0, 1)
+        grm_img = conf = None
+        if return_grm and self.grm is not None:  # not timed: only validation and the comparison strips need it
+            grm_img = (sr if report is None else self.decode(y_hr)[..., :h, :w]).clamp(0, 1)
+        if confidence is not None:
+            conf = confidence[..., :-(-h // d), :-(-w // d)]
         return PipelineOutput(sr=sr.clamp(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,
-                              seconds=seconds, y_hr=y_hr)
+                              seconds=seconds, y_hr=y_hr, y_lr=y_lr)
 
 
 def build_denoiser(opt):

@@ -64,7 +64,8 @@ def log_pgs(sampler, groups, dataset_name, current_iter, tb_logger, nfe_done=Non
 
 
 def save_visuals(model, visuals, sr_img, name, dataset_name, current_iter):
-    """SR image, confidence map, a strip (bicubic / GRM / PatchScaler / HR / confidence), the Qmap overlay."""
+    """SR image, confidence map, a strip (bicubic / GRM / PatchScaler / HR / confidence), the Qmap overlay; the
+    pieces a model does not have (no GRM: no confidence) are left out."""
     opt = model.opt
     if opt['is_train']:
         folder, stem = osp.join(opt['path']['visualization'], name), f'{name}_{current_iter}'
@@ -73,18 +74,21 @@ def save_visuals(model, visuals, sr_img, name, dataset_name, current_iter):
         stem = f'{name}_{opt["val"].get("suffix") or opt["name"]}'
     imwrite(sr_img, osp.join(folder, f'{stem}.png'))
     h, w = sr_img.shape[:2]
-    conf_img = confidence_to_bgr(visuals['confidence'][0].numpy(), size=(w, h))
-    imwrite(conf_img, osp.join(folder, f'{stem}_confidence.png'))
+    extra, extra_labels = [], []
+    if 'confidence' in visuals:
+        conf_img = confidence_to_bgr(visuals['confidence'][0].numpy(), size=(w, h))
+        imwrite(conf_img, osp.join(folder, f'{stem}_confidence.png'))
+        extra, extra_labels = [conf_img], ['confidence C']
     tiles, labels = [tensor2img([visuals['bicubic']])], ['bicubic']
     if 'grm' in visuals:
         tiles.append(tensor2img([visuals['grm']]))
         labels.append('GRM y_HR')
     tiles.append(sr_img)
-    labels.append('PatchScaler (PGS)' if 'grm' in visuals else 'GRM y_HR')
+    labels.append(model.method_name if model.net_g is not None else 'GRM y_HR')
     if 'gt' in visuals:
         tiles.append(tensor2img([visuals['gt']]))
         labels.append('HR')
-    imwrite(labelled_strip(tiles + [conf_img], labels + ['confidence C']), osp.join(folder, f'{stem}_compare.png'))
+    imwrite(labelled_strip(tiles + extra, labels + extra_labels), osp.join(folder, f'{stem}_compare.png'))
     if model.pgs_groups is not None:
         groups, qmap, _, grid = model.pgs_groups
         imwrite(qmap_overlay(sr_img, qmap[0], groups[0], grid, model.sampler.group_names),

@@ -131,6 +131,18 @@ def to_x0_eps(model_output, sample, a_bar, prediction_type):
     return s * sample - n * model_output, s * model_output + n * sample  # v_prediction
 
 
+def training_target(x0, noise, a_bar, prediction_type):
+    """What a denoiser of ``prediction_type`` is trained to output for x_t = q_sample(x0, noise, ᾱ):
+    x0, ε, or v = sqrt(ᾱ)·ε - sqrt(1 - ᾱ)·x0 (diffusers' ``get_velocity``); the inverse of :func:`to_x0_eps`."""
+    if prediction_type == 'sample':
+        return x0
+    if prediction_type == 'epsilon':
+        return noise
+    if prediction_type == 'v_prediction':
+        return a_bar ** 0.5 * noise - (1 - a_bar) ** 0.5 * x0
+    raise ConfigError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}')
+
+
 def ddim_step(model_output, sample, a_t, a_prev, prediction_type='sample', eta=0.0, noise=None,
               clip_range=None):
     """One DDIM update x_t -> x_prev (Song et al., Eq. 12) from ᾱ_t and ᾱ_prev; η = 0 is deterministic."""
