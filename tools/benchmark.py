@@ -23,8 +23,9 @@ stride 8, SD factor 8: 961 patches at 2048²) against an RTM of ``--rtm-size`` r
 keys, top-K search with each back end (faiss when installed, torch), and the whole query (keys + search +
 gathering the priors), as queries per second; the back ends' indices are compared.
 
-Network cost (``--parts dit e2e baselines``, in ``tools/benchmark_networks.py``): Patch-DiT per preset, the
-pipeline end to end per stage, and the baselines' generators on the same input.
+Network cost (``--parts dit e2e baselines stablesr``, in ``tools/benchmark_networks.py``): Patch-DiT per preset,
+the pipeline end to end per stage, the baselines' generators on the same input, and StableSR vs StableSR+PGS
+with the same UNet on the same image (the paper's Table 3 ratio).
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the tables in the README).
 """
@@ -45,9 +46,11 @@ from benchmark_networks import (  # noqa: E402  (tools/ is on sys.path when a to
     markdown_baselines,
     markdown_dit,
     markdown_e2e,
+    markdown_stablesr,
     run_baselines,
     run_dit,
     run_e2e,
+    run_stablesr,
 )
 
 from patchscaler.archs.patch_dit_arch import PatchDiT  # noqa: E402
@@ -188,6 +191,8 @@ def markdown(result):
         parts.append(markdown_e2e(result))
     if 'baselines' in result:
         parts.append(markdown_baselines(result))
+    if 'stablesr' in result:
+        parts.append(markdown_stablesr(result))
     return '\n'.join(parts)
 
 
@@ -224,13 +229,17 @@ def parse_args(argv=None):
                    help='PGS group shares to time, e.g. 0.4/0.3/0.3')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e', 'baselines'],
-                   default=['pgs', 'retrieval', 'dit', 'e2e', 'baselines'])
+    p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e', 'baselines', 'stablesr'],
+                   default=['pgs', 'retrieval', 'dit', 'e2e', 'baselines', 'stablesr'])
     p.add_argument('--dit-presets', nargs='+', choices=sorted(MODELS), default=['S', 'B', 'L'])
     p.add_argument('--dit-batch', type=int, default=8, help='dit: patches per timed Patch-DiT call')
     p.add_argument('--e2e-opt', default='options/demo/test_patchscaler_demo.yml', help='e2e: model options')
     p.add_argument('--e2e-ckpt', default='experiments/demo_patchscaler_x4', help='e2e: trained run (else random)')
     p.add_argument('--e2e-lr', type=int, default=128, help='e2e: LR side')
+    p.add_argument('--stablesr-opt', default='options/stablesr/demo/test_stablesr_pgs_demo.yml',
+                   help='stablesr: StableSR+PGS options (UNet, GRM, PGS sampler, weights)')
+    p.add_argument('--stablesr-size', choices=['demo', 'sd21'], default='demo',
+                   help='stablesr: the demo networks (trained if present) or random-init SD-2.1 sizes (GPU)')
     p.add_argument('--out-size', type=int, default=2048, help='retrieval: output side whose patches query the RTM')
     p.add_argument('--rtm-size', type=int, default=2000, help='retrieval: memory size (paper: 2,000)')
     p.add_argument('--top-k', type=int, default=4)
@@ -251,6 +260,8 @@ def main(argv=None):
         result['e2e'] = run_e2e(args)
     if 'baselines' in args.parts:
         result['baselines'] = run_baselines(args)
+    if 'stablesr' in args.parts:
+        result['stablesr'] = run_stablesr(args)
     result['repeats'] = args.repeats
     os.makedirs(args.out, exist_ok=True)
     with open(osp.join(args.out, 'benchmark.json'), 'w') as f:

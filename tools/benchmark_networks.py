@@ -5,7 +5,10 @@ live there):
   with a K=4 texture prompt, and the texture encoder's cost (once per patch);
 - ``e2e``: a PatchScaler option file end to end on one image, split by pipeline stage (encode, GRM, PGS,
   decode, color fix); the trained demo run's weights when present, else random init;
-- ``baselines``: Real-ESRGAN's and SwinIR's generators at paper size on the same input.
+- ``baselines``: Real-ESRGAN's and SwinIR's generators at paper size on the same input;
+- ``stablesr``: StableSR (uniform DDIM-20 on every tile, no GRM) vs StableSR+PGS (GRM + the paper's groups) with
+  the same UNet weights on the same image, end to end; the demo's trained runs when present, else random init;
+  ``--stablesr-size sd21`` uses a random-init SD-2.1-size UNet and SD VAE instead (V = 64, GPU-sized).
 """
 import os
 import os.path as osp
@@ -136,6 +139,94 @@ def run_baselines(args):
                      'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb']})
         print(f"{name}: {t['median_s']:.2f} s for {args.e2e_lr}->{4 * args.e2e_lr}", flush=True)
     return {'lr_size': args.e2e_lr, 'rows': rows}
+
+
+SD21_UNET = dict(  # stable-diffusion-2-1-base's UNet2DConditionModel configuration
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'], up_block_types=['UpBlock2D'] +
+    ['CrossAttnUpBlock2D'] * 3, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+    use_linear_projection=True)
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+              block_out_channels=[128, 256, 512, 512], down_block_types=['DownEncoderBlock2D'] * 4,
+              up_block_types=['UpDecoderBlock2D'] * 4)
+
+
+def _stablesr_pipelines(args, device):
+    """(StableSR pipeline, StableSR+PGS pipeline, weights note): one UNet object shared by both."""
+    from basicsr.archs import build_network
+
+    from patchscaler.archs.autoencoder_arch import build_autoencoder
+    from patchscaler.models.pipeline import PatchScalerPipeline
+    from patchscaler.models.stablesr_model import STABLESR_SCHEDULER
+    from patchscaler.sampling import build_sampler
+    from patchscaler.utils.checkpoint import load_weights
+    from patchscaler.utils.cli import load_option_file
+    opt = load_option_file(osp.join(REPO, args.stablesr_opt))
+    torch.manual_seed(0)
+    if args.stablesr_size == 'sd21':
+        ae = build_autoencoder({'type': 'DiffusersAutoencoderKL', 'config': SD_VAE, 'scaling_factor': 0.18215})
+        unet = build_network({'type': 'StableSRUNet', 'unet': SD21_UNET, 'patch_size': 64})
+        grm = build_network(dict(opt['network_grm'], in_channels=4))
+        pgs_opt = dict(opt['sampler'], patch_size=64, stride=32, scheduler=dict(STABLESR_SCHEDULER),
+                       prediction_type='epsilon')
+        weights = 'random init, SD-2.1-base UNet + SD VAE sizes'
+    else:
+        ae = build_autoencoder(opt['autoencoder'])
+        unet, grm, pgs_opt = build_network(dict(opt['network_g'])), build_network(dict(opt['network_grm'])), \
+            dict(opt['sampler'])
+        files = {'g': opt['path'].get('pretrain_network_g'), 'grm': opt['path'].get('pretrain_network_grm')}
+        trained = all(f and osp.isfile(osp.join(REPO, f)) for f in files.values())
+        if trained:
+            load_weights(unet, osp.join(REPO, files['g']), 'params_ema')
+            load_weights(grm, osp.join(REPO, files['grm']), 'params')
+        weights = 'trained demo runs' if trained else 'random init'
+    pgs_opt['batch_size'] = args.batch_size
+    uniform_opt = dict(pgs_opt, groups=[{'tau': 1000, 'steps': 20}])
+    uniform_opt.pop('grouping', None)
+    ae, unet, grm = ae.to(device), unet.to(device).eval(), grm.to(device).eval()
+    dtype = 'bf16' if args.bf16 else None
+    uniform = PatchScalerPipeline(ae, None, 4, unet, build_sampler(uniform_opt), autocast=dtype)
+    pgs = PatchScalerPipeline(ae, grm, 4, unet, build_sampler(pgs_opt), autocast=dtype)
+    return uniform, pgs, weights
+
+
+def run_stablesr(args):
+    """StableSR vs StableSR+PGS end to end on the same --e2e-lr² image, same UNet weights, timed round-robin."""
+    from skimage import data
+    device = torch.device(args.device)
+    uniform, pgs, weights = _stablesr_pipelines(args, device)
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    lq = torch.nn.functional.interpolate(img, size=(args.e2e_lr, args.e2e_lr), mode='area').to(device)
+    runs = [lambda: uniform(lq, return_grm=False), lambda: pgs(lq, return_grm=False)]
+    times = measure_interleaved(runs, device, args.repeats, args.warmup)
+    rows = []
+    for name, t in zip(('StableSR', 'StableSR+PGS'), times):
+        out = t['result']
+        rows.append({'model': name, 'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb'],
+                     'nfe': out.report.nfe_total, 'patches_per_group': list(out.report.patches_per_group),
+                     'stages_s': dict(out.seconds)})
+    for r in rows:
+        r['wall_ratio'] = r['wall_s'] / rows[0]['wall_s']
+        r['nfe_ratio'] = r['nfe'] / rows[0]['nfe']
+    print(f"StableSR {rows[0]['wall_s']:.2f} s, StableSR+PGS {rows[1]['wall_s']:.2f} s = {rows[1]['wall_ratio']:.2f}x "
+          f"(NFE {rows[1]['nfe_ratio']:.2f}x; paper, SD-2.1 on an A100: 0.24x)", flush=True)
+    return {'size': args.stablesr_size, 'weights': weights, 'lr_size': args.e2e_lr,
+            'patch_size': pgs.sampler.patch_size, 'rows': rows}
+
+
+def markdown_stablesr(result):
+    s = result['stablesr']
+    lines = [f"StableSR vs StableSR+PGS, the same UNet ({s['weights']}), LR {s['lr_size']}² → ×4, V = "
+             f"{s['patch_size']}, on {result['device_name']} ({result['device']}, {result['threads']} threads), "
+             f"median of {result['repeats']}; the paper's Table 3: 0.24× on an A100 (SD-2.1, 512 → 2048):", '',
+             '| model | patches per group | NFE | NFE ratio | wall (s) | wall ratio | GRM (s) | sampling (s) |',
+             '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for r in s['rows']:
+        st = r['stages_s']
+        lines.append(f"| {r['model']} | {'/'.join(map(str, r['patches_per_group']))} | {r['nfe']} | "
+                     f"{r['nfe_ratio']:.2f} | {r['wall_s']:.2f} | {r['wall_ratio']:.2f} | "
+                     f"{st.get('grm', 0.0):.2f} | {st.get('pgs', 0.0):.2f} |")
+    return '\n'.join(lines) + '\n'
 
 
 def markdown_baselines(result):

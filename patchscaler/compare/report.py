@@ -22,8 +22,8 @@ HTML_STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}.failed{color:#b00}
-.row{display:flex;flex-wrap:wrap;gap:8px;margin:8px 0 4px}.cell{text-align:center;font-size:13px}
-.cell img{width:192px;height:192px;image-rendering:pixelated;display:block;border:1px solid #999}
+.row{display:flex;flex-wrap:nowrap;overflow-x:auto;gap:8px;margin:8px 0 4px}.cell{text-align:center;font-size:13px}
+.cell img{width:150px;height:150px;image-rendering:pixelated;display:block;border:1px solid #999}
 .qmap{max-width:100%;margin-bottom:24px}h2{margin-top:32px}
 """
 # after load, the page records how many of its images decoded: what the headless-browser test reads
