@@ -77,6 +77,25 @@ def test_benchmark_writes_json_and_markdown_with_exact_nfe_ratios(tmp_path, monk
     assert '| search (torch) |' in table
 
 
+def test_benchmark_stablesr_vs_pgs_same_unet(tmp_path, monkeypatch):
+    """StableSR and StableSR+PGS from the demo options on one image: uniform does 20 evaluations per patch,
+    PGS with the same UNet its groups' (8/14/20 per patch), and the ratios are written."""
+    monkeypatch.syspath_prepend(osp.join(ROOT, 'tools'))
+    sys.modules.pop('benchmark', None)
+    import benchmark
+    out = tmp_path / 'bench'
+    benchmark.main(['--parts', 'stablesr', '--stablesr-lr', '32', '--repeats', '1', '--warmup', '0',
+                    '--out', str(out)])
+    s = json.loads((out / 'benchmark.json').read_text())['stablesr']
+    uni, pgs = s['rows']
+    assert s['lr_size'] == 32 and s['patch_size'] == 16
+    assert len(uni['patches_per_group']) == 1 and uni['nfe'] == 20 * uni['patches_per_group'][0]
+    assert sum(pgs['patches_per_group']) == uni['patches_per_group'][0]  # the same 9 patches (32·4/4 = 32 latent)
+    assert pgs['nfe'] == sum(n * c for n, c in zip((8, 14, 20), pgs['patches_per_group']))
+    assert pgs['nfe_ratio'] == pytest.approx(pgs['nfe'] / uni['nfe']) and pgs['stages_s']['grm'] > 0
+    assert '| StableSR+PGS |' in (out / 'benchmark.md').read_text()
+
+
 def test_benchmark_retrieval_only(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(osp.join(ROOT, 'tools'))
     sys.modules.pop('benchmark', None)

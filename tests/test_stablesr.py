@@ -48,7 +48,8 @@ def test_sft_starts_as_identity_then_conditions_on_the_lr_latent():
         torch.nn.init.normal_(layer.sft.gamma.weight, std=0.1)
     a, b = net(x, t, {'y_lr': torch.randn_like(x)}), net(x, t, {'y_lr': torch.randn_like(x)})
     assert (a - b).abs().mean() > 1e-3
-    assert all(layer.feature is None for layer in net.sft_layers)  # nothing held between calls
+    from patchscaler.archs.stablesr_arch import _FEATURES
+    assert _FEATURES.get() is None  # nothing held between calls
 
 
 def test_loads_a_local_unet_folder_and_names_missing_files(tmp_path):
@@ -87,21 +88,54 @@ def test_training_target_inverts_to_x0(prediction_type):
 
 
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
-def test_stablesr_sampler_recovers_x0_from_an_oracle(prediction_type):
+def test_stablesr_sampler_follows_ddim_from_the_noised_lr_latent(prediction_type):
     """StableSR's sampler (SD schedule, one group from T, 20 trailing DDIM steps on overlapping tiles) with a
-    denoiser that outputs the exact ε / v of a known x0 returns that x0: the start point, the update and the
-    parameterisation agree for ε- and v-models."""
+    denoiser that outputs the exact ε / v of a known x0: the first call sees sqrt(ᾱ_999)·y0 + sqrt(1-ᾱ_999)·n
+    (y0 = the LR latent, n the sampler's seeded noise), every later x_t is sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε of one
+    fixed ε (deterministic DDIM), at 999, 949, …, 49; the result is x0."""
     from patchscaler.models.stablesr_model import stablesr_sampler_options
     from patchscaler.sampling import build_sampler
+    from patchscaler.sampling.patches import PatchGrid
     sampler = build_sampler(dict(stablesr_sampler_options(8, prediction_type), stride=4))
     a_bar = sampler.scheduler.alphas_cumprod
-    x0 = torch.randn(1, 12, 24, 20, generator=torch.Generator().manual_seed(0)) * 0.5
+    g = torch.Generator().manual_seed(0)
+    x0, y0 = torch.randn(1, 12, 24, 20, generator=g) * 0.5, torch.randn(1, 12, 24, 20, generator=g) * 0.5
+    grid = PatchGrid.for_shape(24, 20, 8, 4)
+    x0_p, y0_p = grid.patchify(x0).flatten(0, 1), grid.patchify(y0).flatten(0, 1)
+    n_p = grid.patchify(torch.randn(1, 12, 24, 20, generator=torch.Generator().manual_seed(0))).flatten(0, 1)
+    calls = []
 
     def oracle(x_t, t, cond):
+        calls.append((x_t.clone(), int(t[0])))
         a = a_bar[t].view(-1, 1, 1, 1).to(x_t)
         return training_target(cond['x0'], (x_t - a.sqrt() * cond['x0']) / (1 - a).sqrt(), a, prediction_type)
-    out, report = sampler.sample(oracle, torch.zeros_like(x0), None, cond={'x0': x0})
+    out, report = sampler.sample(oracle, y0, None, cond={'x0': x0}, seed=0)
+    assert [t for _, t in calls] == list(range(999, 0, -50))  # one batch of all patches per step
+    a = a_bar[999]
+    assert torch.allclose(calls[0][0], a.sqrt() * y0_p + (1 - a).sqrt() * n_p, atol=1e-5)
+    eps = (calls[0][0] - a.sqrt() * x0_p) / (1 - a).sqrt()
+    for x_t, t in calls[1:]:
+        assert torch.allclose(x_t, a_bar[t].sqrt() * x0_p + (1 - a_bar[t]).sqrt() * eps, atol=1e-4), t
     assert torch.allclose(out, x0, atol=1e-5) and report.nfe_total == 20 * report.num_patches
+
+
+def test_freeze_unet_trains_only_the_encoder_and_sft(tmp_path):
+    """StableSR keeps SD's UNet fixed: with train.freeze_unet only the time-aware encoder and SFT layers move."""
+    torch.manual_seed(0)
+    opt = _opt('train_stablesr_demo.yml', tmp_path, True)
+    opt['train']['freeze_unet'] = True
+    model = StableSRModel(opt)
+    net = model.net_g
+    sft = {n for n, _ in net.named_parameters() if '.sft.' in n}
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for it in (1, 2):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+    moved = {n for n, p in net.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and all(n.startswith('encoder.') or n in sft for n in moved)
+    assert any(n.startswith('encoder.') for n in moved) and moved & sft
+    assert sum(p.numel() for g in model.optimizer_g.param_groups for p in g['params']) < \
+        sum(p.numel() for p in net.parameters()) / 2
 
 
 def _opt(name, tmp_path, is_train, **extra):

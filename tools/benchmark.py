@@ -230,7 +230,8 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e', 'baselines', 'stablesr'],
-                   default=['pgs', 'retrieval', 'dit', 'e2e', 'baselines', 'stablesr'])
+                   default=['pgs', 'retrieval', 'dit', 'e2e', 'baselines'],
+                   help='stablesr (minutes on a CPU) runs only when named')
     p.add_argument('--dit-presets', nargs='+', choices=sorted(MODELS), default=['S', 'B', 'L'])
     p.add_argument('--dit-batch', type=int, default=8, help='dit: patches per timed Patch-DiT call')
     p.add_argument('--e2e-opt', default='options/demo/test_patchscaler_demo.yml', help='e2e: model options')
@@ -238,6 +239,7 @@ def parse_args(argv=None):
     p.add_argument('--e2e-lr', type=int, default=128, help='e2e: LR side')
     p.add_argument('--stablesr-opt', default='options/stablesr/demo/test_stablesr_pgs_demo.yml',
                    help='stablesr: StableSR+PGS options (UNet, GRM, PGS sampler, weights)')
+    p.add_argument('--stablesr-lr', type=int, default=None, help='stablesr: LR side (default 128 demo, 512 sd21)')
     p.add_argument('--stablesr-size', choices=['demo', 'sd21'], default='demo',
                    help='stablesr: the demo networks (trained if present) or random-init SD-2.1 sizes (GPU)')
     p.add_argument('--out-size', type=int, default=2048, help='retrieval: output side whose patches query the RTM')

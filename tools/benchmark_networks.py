@@ -8,7 +8,8 @@ live there):
 - ``baselines``: Real-ESRGAN's and SwinIR's generators at paper size on the same input;
 - ``stablesr``: StableSR (uniform DDIM-20 on every tile, no GRM) vs StableSR+PGS (GRM + the paper's groups) with
   the same UNet weights on the same image, end to end; the demo's trained runs when present, else random init;
-  ``--stablesr-size sd21`` uses a random-init SD-2.1-size UNet and SD VAE instead (V = 64, GPU-sized).
+  ``--stablesr-size sd21`` uses a random-init SD-2.1-size UNet (77-token prompt) and SD VAE instead (V = 64,
+  LR 512, GPU-sized). An untrained GRM grades every patch hard, so random-init runs group by fixed shares.
 """
 import os
 import os.path as osp
@@ -151,6 +152,9 @@ SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block
               up_block_types=['UpDecoderBlock2D'] * 4)
 
 
+RANDOM_INIT_SHARES = (0.4, 0.3, 0.3)  # simple/medium/hard shares when the GRM is untrained (a choice)
+
+
 def _stablesr_pipelines(args, device):
     """(StableSR pipeline, StableSR+PGS pipeline, weights note): one UNet object shared by both."""
     from basicsr.archs import build_network
@@ -163,9 +167,10 @@ def _stablesr_pipelines(args, device):
     from patchscaler.utils.cli import load_option_file
     opt = load_option_file(osp.join(REPO, args.stablesr_opt))
     torch.manual_seed(0)
+    trained = False
     if args.stablesr_size == 'sd21':
         ae = build_autoencoder({'type': 'DiffusersAutoencoderKL', 'config': SD_VAE, 'scaling_factor': 0.18215})
-        unet = build_network({'type': 'StableSRUNet', 'unet': SD21_UNET, 'patch_size': 64})
+        unet = build_network({'type': 'StableSRUNet', 'unet': SD21_UNET, 'patch_size': 64, 'prompt_tokens': 77})
         grm = build_network(dict(opt['network_grm'], in_channels=4))
         pgs_opt = dict(opt['sampler'], patch_size=64, stride=32, scheduler=dict(STABLESR_SCHEDULER),
                        prediction_type='epsilon')
@@ -180,6 +185,9 @@ def _stablesr_pipelines(args, device):
             load_weights(unet, osp.join(REPO, files['g']), 'params_ema')
             load_weights(grm, osp.join(REPO, files['grm']), 'params')
         weights = 'trained demo runs' if trained else 'random init'
+    if not trained:  # a random GRM's confidence is ~0.5 everywhere (all hard): grade by fixed shares instead
+        pgs_opt['grouping'] = {'mode': 'share', 'shares': list(RANDOM_INIT_SHARES)}
+        weights += f', groups by share {"/".join(map(str, RANDOM_INIT_SHARES))}'
     pgs_opt['batch_size'] = args.batch_size
     uniform_opt = dict(pgs_opt, groups=[{'tau': 1000, 'steps': 20}])
     uniform_opt.pop('grouping', None)
@@ -191,12 +199,14 @@ def _stablesr_pipelines(args, device):
 
 
 def run_stablesr(args):
-    """StableSR vs StableSR+PGS end to end on the same --e2e-lr² image, same UNet weights, timed round-robin."""
+    """StableSR vs StableSR+PGS end to end on the same image (LR --stablesr-lr², default 128 for the demo networks
+    and 512 for sd21, the paper's 512 -> 2048), the same UNet weights, timed round-robin."""
     from skimage import data
     device = torch.device(args.device)
     uniform, pgs, weights = _stablesr_pipelines(args, device)
+    size = args.stablesr_lr or (512 if args.stablesr_size == 'sd21' else 128)
     img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
-    lq = torch.nn.functional.interpolate(img, size=(args.e2e_lr, args.e2e_lr), mode='area').to(device)
+    lq = torch.nn.functional.interpolate(img, size=(size, size), mode='area').to(device)
     runs = [lambda: uniform(lq, return_grm=False), lambda: pgs(lq, return_grm=False)]
     times = measure_interleaved(runs, device, args.repeats, args.warmup)
     rows = []
@@ -210,7 +220,7 @@ def run_stablesr(args):
         r['nfe_ratio'] = r['nfe'] / rows[0]['nfe']
     print(f"StableSR {rows[0]['wall_s']:.2f} s, StableSR+PGS {rows[1]['wall_s']:.2f} s = {rows[1]['wall_ratio']:.2f}x "
           f"(NFE {rows[1]['nfe_ratio']:.2f}x; paper, SD-2.1 on an A100: 0.24x)", flush=True)
-    return {'size': args.stablesr_size, 'weights': weights, 'lr_size': args.e2e_lr,
+    return {'size': args.stablesr_size, 'weights': weights, 'lr_size': size,
             'patch_size': pgs.sampler.patch_size, 'rows': rows}
 
 

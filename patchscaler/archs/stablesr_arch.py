@@ -14,13 +14,20 @@ SFT/SPADE layers turn each into a per-pixel scale γ and shift β applied to the
   start from what they were trained to do.
 * The prompt is a frozen buffer ``(1, L, D)``: zeros, or the empty-prompt text embedding loaded from
   ``prompt_embedding_path`` (a safetensors file holding ``prompt_embeds``; compute it once offline with the
-  matching CLIP text encoder). StableSR uses the empty prompt; zeros are the weight-free stand-in.
+  matching CLIP text encoder). StableSR uses the empty prompt; zeros are the weight-free stand-in. Like the
+  noise schedule, the prompt comes from the options, not the checkpoint: train and test files must name the
+  same ``prompt_embedding_path``.
 * ``forward(x_t, t, cond)`` is the sampler interface: ``cond['y_lr']`` is the LR latent patch (the
   bicubic-upsampled LR image, encoded), the same crop of the same grid as x_t. The output is what
   ``prediction_type`` says (ε by default, StableSR's SD-2.1-base; 'v_prediction' for v-models).
+* The time-aware features reach the wrapped resnets through a context variable set for the duration of one
+  forward, not through module attributes: PGS may run one module from several threads (group-parallel
+  devices), and each thread sees only its own features. (The UNet's gradient checkpointing, which re-runs
+  the forward during backward, is therefore not supported.)
 * ``patch_size`` is the latent size the UNet samples on (StableSR's 64 = 512 px with the SD VAE); the PGS
   sampler's V must equal it, as StableSR's own tiled sampling uses 64-latent tiles.
 """
+import contextvars
 import os
 
 import torch
@@ -49,23 +56,27 @@ class SFT(nn.Module):
         return h * (1 + self.gamma(s)) + self.beta(s)
 
 
+# the time-aware encoder's features of the StableSRUNet forward running in this thread/context
+_FEATURES = contextvars.ContextVar('stablesr_features', default=None)
+
+
 class SFTResnet(nn.Module):
     """A UNet ResnetBlock2D whose output is modulated by the time-aware encoder's feature at its level.
 
-    The feature is set by :class:`StableSRUNet` for the duration of one forward (``self.feature``): the
-    diffusers blocks call their resnets with their own arguments, so this wrapper needs no change to them."""
+    The diffusers blocks call their resnets with their own arguments, so this wrapper needs no change to them;
+    the feature comes from :class:`StableSRUNet`'s forward through a context variable."""
 
     def __init__(self, resnet, level, cond_channels):
         super().__init__()
         self.resnet, self.level = resnet, level
         self.sft = SFT(cond_channels, resnet.out_channels)
-        self.feature = None
 
     def forward(self, *args, **kwargs):
         h = self.resnet(*args, **kwargs)
-        if self.feature is None:
+        features = _FEATURES.get()
+        if features is None:
             raise RuntimeError('SFTResnet called outside StableSRUNet.forward (no condition feature set)')
-        return self.sft(h, self.feature)
+        return self.sft(h, features[self.level])
 
 
 class TimeAwareEncoder(nn.Module):
@@ -183,12 +194,9 @@ class StableSRUNet(nn.Module):
             raise InputError(f'StableSRUNet needs latent sides divisible by {self.multiple}, got '
                              f'{tuple(x_t.shape[-2:])}')
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        features = self.encoder(y_lr.to(x_t.dtype), t)
-        for layer in self.sft_layers:
-            layer.feature = features[layer.level]
+        token = _FEATURES.set(self.encoder(y_lr.to(x_t.dtype), t))
         try:
             context = self.prompt.to(x_t.dtype).expand(x_t.shape[0], -1, -1)
             return self.unet(x_t, t, encoder_hidden_states=context).sample
         finally:
-            for layer in self.sft_layers:
-                layer.feature = None
+            _FEATURES.reset(token)

@@ -28,20 +28,28 @@ def check_compare_options(opt):
     from patchscaler.utils.options_check import check_keys
     if not isinstance(opt, dict):
         raise ConfigError('the comparison options must be a mapping')
-    check_keys('comparison options', opt, TOP_KEYS)
+    check_keys('', opt, TOP_KEYS)
     for key in ('name', 'scale', 'dataset', 'models'):
         if key not in opt:
             raise ConfigError(f"the comparison options need '{key}'")
+    for key, kind in (('warmup', int), ('max_images', int), ('timeout', (int, float)), ('crop', int)):
+        if opt.get(key) is not None and (not isinstance(opt[key], kind) or isinstance(opt[key], bool) or opt[key] < 0):
+            raise ConfigError(f'{key} must be a non-negative number, got {opt[key]!r}')
+    metric_names = list(opt.get('metrics') or {})
+    if opt.get('plot_metric') and opt['plot_metric'] not in metric_names:
+        raise ConfigError(f"plot_metric {opt['plot_metric']!r} is not one of the metrics {metric_names}")
     if not isinstance(opt['models'], list) or not opt['models']:
         raise ConfigError('models must be a non-empty list of {name, opt, path}')
     names = []
     for i, m in enumerate(opt['models']):
         if not isinstance(m, dict) or 'name' not in m or 'opt' not in m:
             raise ConfigError(f'models[{i}] must be a mapping with name and opt (a test option file), got {m!r}')
-        check_keys(f'models[{i}] ({m["name"]})', m, MODEL_KEYS)
+        check_keys(f'models[{i}].', m, MODEL_KEYS)
         names.append(str(m['name']))
-    if len(set(names)) != len(names) or {'Bicubic', 'HR'} & set(names):
-        raise ConfigError(f'model names must be unique and not Bicubic or HR (the references), got {names}')
+    folders = [slug(n) for n in ['Bicubic', 'HR', *names]]
+    if len(set(folders)) != len(folders):
+        raise ConfigError(f'model names must be unique as folder names ({folders[2:]}) and not Bicubic or HR (the '
+                          f'references), got {names}')
     if opt.get('qmap_model') and opt['qmap_model'] not in names:
         raise ConfigError(f"qmap_model {opt['qmap_model']!r} is not one of the models {names}")
     ds = opt['dataset']
@@ -82,13 +90,14 @@ def _run_job(job, job_file, timeout, progress):
     from patchscaler.compare.runner import write_record
     print(f"[compare] {job['name']}: {job['opt']}", file=sys.stderr, flush=True)
     cmd = [sys.executable, '-m', 'patchscaler.compare.runner', job_file]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), os.environ.get('PYTHONPATH', '')]))
+    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))  # importable from a checkout, too
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get('PYTHONPATH')) if p))
     try:
-        with open(osp.join(job['out'], 'stderr.log'), 'w') as log:
-            proc = subprocess.run(cmd, env=env, timeout=timeout, stderr=None if progress else log,
-                                  stdout=subprocess.DEVNULL)
-        code = proc.returncode
+        if progress:  # the child's progress bars and errors go to the terminal
+            code = subprocess.run(cmd, env=env, timeout=timeout, stdout=subprocess.DEVNULL).returncode
+        else:
+            with open(osp.join(job['out'], 'stderr.log'), 'w') as log:
+                code = subprocess.run(cmd, env=env, timeout=timeout, stderr=log, stdout=subprocess.DEVNULL).returncode
     except subprocess.TimeoutExpired:
         code = None
     record_file = osp.join(job['out'], 'record.json')

@@ -13,7 +13,9 @@ import csv
 import html
 import json
 import os
+import sys
 from os import path as osp
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -151,7 +153,7 @@ def write_crops(image_names, sources, folder, crop):
             img = cv2.imread(files[name]) if name in files else None
             if img is None or img.shape[:2] != hr.shape[:2]:
                 continue
-            rel = osp.join('crops', name, f'{label.replace("/", "_").replace(" ", "_")}.png')
+            rel = osp.join('crops', name, f'{slug(label)}.png')
             cv2.imwrite(osp.join(folder, rel), img[top:top + ch, left:left + cw])
             cells.append((label, rel))
         out[name] = cells
@@ -187,13 +189,13 @@ def write_html(opt, rows, crops, qmaps, folder):
             *table, '<img src="runtime_quality.png" alt="runtime vs quality">']
     for name, cells in crops.items():
         body.append(f'<h2>{html.escape(name)}</h2><div class="row">')
-        body += [f'<div class="cell"><img src="{html.escape(rel)}" alt="{html.escape(label)}">'
+        body += [f'<div class="cell"><img src="{html.escape(quote(rel))}" alt="{html.escape(label)}">'
                  f'{html.escape(label)}</div>' for label, rel in cells]
         body.append('</div>')
         if name in qmaps:
             label, rel = qmaps[name]
             body.append(f'<div class="cell">{html.escape(label)}: Qmap and PGS groups'
-                        f'<br><img class="qmap" style="width:auto;height:auto" src="{html.escape(rel)}" '
+                        f'<br><img class="qmap" style="width:auto;height:auto" src="{html.escape(quote(rel))}" '
                         f'alt="Qmap"></div>')
     page = ('<!DOCTYPE html><html><head><meta charset="utf-8"><title>' + html.escape(str(opt['name'])) +
             f'</title><style>{HTML_STYLE}</style><script>{HTML_SCRIPT}</script></head><body>' +
@@ -207,7 +209,10 @@ def write_report(opt, records, folder, hr_files):
     metric_names = list(opt.get('metrics') or {})
     rows = [summarise(r, metric_names) for r in records]
     write_tables(rows, folder)
-    write_plot(rows, opt.get('plot_metric') or (metric_names[0] if metric_names else 'psnr'), folder)
+    try:  # a plot that cannot be drawn must not cost the tables and the page
+        write_plot(rows, opt.get('plot_metric') or (metric_names[0] if metric_names else 'psnr'), folder)
+    except Exception as e:  # noqa: BLE001
+        print(f'[compare] runtime_quality.png not written: {type(e).__name__}: {e}', file=sys.stderr)
     sources, qmaps = {}, {}
     for r in records:
         if r.get('status') != 'ok':

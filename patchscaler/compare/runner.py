@@ -90,7 +90,9 @@ def run_model(job):
     out, device = job['out'], job['device']
     os.makedirs(out, exist_ok=True)
     if torch.device(device).type == 'cuda':
-        torch.cuda.set_device(torch.device(device))
+        index = torch.device(device).index
+        device = f'cuda:{torch.cuda.current_device() if index is None else index}'  # set_device needs an index
+        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     if job['opt'] == 'bicubic':
         opt, model = {'model_type': 'bicubic'}, BicubicReference(job['scale'], device)

@@ -4,7 +4,10 @@ Training (StableSR's recipe, on PatchScaler's data and degradation): the frozen 
 image (x0) and the bicubic-upsampled LR image (y_LR); on ``patches_per_image`` random V×V latent crops,
 t ~ U[0, T), x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, and :class:`~patchscaler.archs.stablesr_arch.StableSRUNet`
 (UNet + time-aware encoder on the y_LR crop) regresses ε, v or x0 (its ``prediction_type``) with
-``pixel_opt`` (MSE by default). EMA, gradient clipping and bf16 autocast as in PatchScalerModel. The ᾱ table
+``pixel_opt`` (MSE by default). ``train.freeze_unet`` keeps the UNet's own weights fixed and trains the
+time-aware encoder and the SFT layers only, as StableSR does with SD's UNet; it defaults to true when the UNet
+is loaded from ``unet_path`` (pretrained) and to false for a UNet built from a config (the demo trains one from
+scratch). EMA, gradient clipping and bf16 autocast as in PatchScalerModel. The ᾱ table
 is the sampler's scheduler's, so training and sampling share one schedule.
 
 Sampling goes through the same :class:`~patchscaler.models.pipeline.PatchScalerPipeline` and the same PGS
@@ -30,6 +33,7 @@ import torch
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.models.base_model import BaseModel
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
@@ -60,7 +64,7 @@ class StableSRModel(PatchScalerModel):
 
     REQUIRED_OPTION_KEYS = ('scale', 'autoencoder', 'network_g')
     TRAIN_OPTION_KEYS = {'total_iter', 'warmup_iter', 'optim_g', 'scheduler', 'pixel_opt', 'grad_clip', 'gt_size',
-                         'patches_per_image', 'ema_decay', 'autocast'}
+                         'patches_per_image', 'ema_decay', 'autocast', 'freeze_unet'}
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)  # not PatchScalerModel's: that one builds PatchScaler's networks
@@ -117,8 +121,17 @@ class StableSRModel(PatchScalerModel):
         self.cri_pix = build_loss(dict(train_opt.get('pixel_opt', {'type': 'MSELoss'}))).to(self.device)
         if 'optim_g' not in train_opt:
             raise ConfigError('StableSRModel training needs train.optim_g')
+        self.freeze_unet = bool(train_opt.get('freeze_unet', bool(self.opt['network_g'].get('unet_path'))))
+        if self.freeze_unet:  # SD's UNet stays as it is; the SFT layers inside it and the encoder train
+            net.unet.requires_grad_(False)
+            for layer in net.sft_layers:
+                layer.sft.requires_grad_(True)
+        trainable = [p for p in self.net_g.parameters() if p.requires_grad]
+        get_root_logger().info(f'StableSR trains {sum(p.numel() for p in trainable) / 1e6:.2f} M of '
+                               f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters'
+                               f'{" (UNet frozen)" if self.freeze_unet else ""}')
         optim_opt = dict(train_opt['optim_g'])
-        self.optimizer_g = self.get_optimizer(optim_opt.pop('type'), list(self.net_g.parameters()), **optim_opt)
+        self.optimizer_g = self.get_optimizer(optim_opt.pop('type'), trainable, **optim_opt)
         self.optimizers.append(self.optimizer_g)
         self.net_g.train()
         self.ema_decay = float(train_opt.get('ema_decay', 0) or 0)
