@@ -128,8 +128,9 @@ class PatchScalerPipeline:
         if denoiser is not None and sampler is None:
             raise ConfigError('a Patch-DiT needs a sampler (PGS options) to run')
         if denoiser is not None and sampler.patch_size != denoiser.patch_size:
-            raise ConfigError(f'sampler.patch_size ({sampler.patch_size}) must equal network_dit.input_size '
-                              f'({denoiser.patch_size}), the V both use')
+            raise ConfigError(f'sampler.patch_size ({sampler.patch_size}) must equal the V the denoiser works on '
+                              f'({type(denoiser).__name__}: {denoiser.patch_size}; network_dit.input_size for '
+                              f'Patch-DiT, network_g.patch_size for StableSRUNet)')
         predicts = getattr(denoiser, 'prediction_type', 'sample')
         if denoiser is not None and sampler.prediction_type != predicts:
             raise ConfigError(f"{type(denoiser).__name__} predicts {predicts!r}: the sampler's prediction_type must "
