@@ -180,20 +180,9 @@ def markdown_retrieval(result):
 
 
 def markdown(result):
-    parts = []
-    if 'pgs' in result:
-        parts.append(markdown_pgs(result))
-    if 'retrieval' in result:
-        parts.append(markdown_retrieval(result))
-    if 'dit' in result:
-        parts.append(markdown_dit(result))
-    if 'e2e' in result:
-        parts.append(markdown_e2e(result))
-    if 'baselines' in result:
-        parts.append(markdown_baselines(result))
-    if 'stablesr' in result:
-        parts.append(markdown_stablesr(result))
-    return '\n'.join(parts)
+    tables = (('pgs', markdown_pgs), ('retrieval', markdown_retrieval), ('dit', markdown_dit), ('e2e', markdown_e2e),
+              ('baselines', markdown_baselines), ('stablesr', markdown_stablesr))
+    return '\n'.join(fn(result) for part, fn in tables if part in result)
 
 
 def markdown_pgs(result):

@@ -147,12 +147,7 @@ class PatchScalerModel(BaseModel):
         self.net_grm.train()
         self.cri_confidence = build_loss(dict(train_opt.get('confidence_opt', {'type': 'ConfidenceLoss'})))
         self.cri_confidence = self.cri_confidence.to(self.device)
-        self.grad_clip = train_opt.get('grad_clip')
-        self.gt_size = train_opt.get('gt_size')
-        self.autocast = autocast_dtype(train_opt.get('autocast'))
-        self.degradation = RealESRGANDegradation(self.opt.get('degradation'), self.device)
-        if self.autocast == torch.float16:
-            raise ConfigError('train.autocast fp16 needs loss scaling, which this model does not do; use bf16')
+        self._init_shared_training(train_opt)
         if self.stage == 'full':  # first: BasicSR logs the learning rate of optimizers[0]
             self._init_diffusion_training(train_opt)
         optim_opt = dict(train_opt['optim_grm'])
@@ -160,15 +155,37 @@ class PatchScalerModel(BaseModel):
         self.optimizers.append(self.optimizer_grm)
         self.setup_schedulers()
 
-    def _init_diffusion_training(self, train_opt):
-        v = self.get_bare_model(self.net_g).patch_size
-        d = self.autoencoder.downscale_factor
+    def _init_shared_training(self, train_opt):
+        """What every diffusion model here reads the same way: gradient clipping, HR crop, autocast (bf16 only:
+        there is no loss scaling) and the Real-ESRGAN degradation of the training batches."""
+        self.grad_clip = train_opt.get('grad_clip')
+        self.gt_size = train_opt.get('gt_size')
+        self.autocast = autocast_dtype(train_opt.get('autocast'))
+        if self.autocast == torch.float16:
+            raise ConfigError('train.autocast fp16 needs loss scaling, which this model does not do; use bf16')
+        self.degradation = RealESRGANDegradation(self.opt.get('degradation'), self.device)
+
+    def _init_patch_count(self, train_opt, default, trains_on):
+        """``patches_per_image`` random V×V latent crops per HR image, checked against the HR crop size."""
+        v, d = self.get_bare_model(self.net_g).patch_size, self.autoencoder.downscale_factor
         if self.gt_size and self.gt_size // d < v:
             raise ConfigError(f'train.gt_size {self.gt_size} gives a {self.gt_size // d}² latent, smaller than '
-                              f'the V={v} patches Patch-DiT trains on')
-        self.patches_per_image = int(train_opt.get('patches_per_image', 8))
+                              f'the V={v} {trains_on}')
+        self.patches_per_image = int(train_opt.get('patches_per_image', default))
         if self.patches_per_image < 1:
             raise ConfigError(f'train.patches_per_image must be >= 1, got {self.patches_per_image}')
+
+    def _step_denoiser(self, loss):
+        """Backward, clip, step the denoiser's optimizer, then its EMA."""
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
+        self.optimizer_g.step()
+        if self.net_g_ema is not None:
+            self.model_ema(self.ema_decay)
+
+    def _init_diffusion_training(self, train_opt):
+        self._init_patch_count(train_opt, 8, 'patches Patch-DiT trains on')
         self.cri_x0 = build_loss(dict(train_opt.get('x0_opt', {'type': 'MSELoss'}))).to(self.device)
         if 'optim_g' not in train_opt:
             raise ConfigError("train.stage 'full' needs train.optim_g (Patch-DiT + texture encoder optimizer)")
@@ -242,12 +259,7 @@ class PatchScalerModel(BaseModel):
         with self._autocast():
             pred = self.net_g(x_t, t, cond)
         l_x0 = self.cri_x0(pred.float(), x0)
-        l_x0.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
-        self.optimizer_g.step()
-        if self.net_g_ema is not None:
-            self.model_ema(self.ema_decay)
+        self._step_denoiser(l_x0)
         # l_x0_coarse: the same loss for x0 = y0, what Patch-DiT must beat
         return OrderedDict(l_x0=l_x0.detach(), l_x0_coarse=F.mse_loss(y0, x0).detach())
 

@@ -37,9 +37,8 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
-from patchscaler.data.degradation import RealESRGANDegradation
 from patchscaler.models.patchscaler_model import PatchScalerModel, random_patches
-from patchscaler.models.pipeline import PatchScalerPipeline, autocast_dtype
+from patchscaler.models.pipeline import PatchScalerPipeline
 from patchscaler.sampling import build_sampler
 from patchscaler.sampling.schedules import q_sample, training_target
 from patchscaler.utils.errors import ConfigError
@@ -105,19 +104,8 @@ class StableSRModel(PatchScalerModel):
     def init_training_settings(self):
         train_opt = self.opt['train']
         net = self.get_bare_model(self.net_g)
-        v, d = net.patch_size, self.autoencoder.downscale_factor
-        self.gt_size = train_opt.get('gt_size')
-        if self.gt_size and self.gt_size // d < v:
-            raise ConfigError(f'train.gt_size {self.gt_size} gives a {self.gt_size // d}² latent, smaller than the '
-                              f'V={v} tiles the UNet trains on')
-        self.patches_per_image = int(train_opt.get('patches_per_image', 1))
-        if self.patches_per_image < 1:
-            raise ConfigError(f'train.patches_per_image must be >= 1, got {self.patches_per_image}')
-        self.grad_clip = train_opt.get('grad_clip')
-        self.autocast = autocast_dtype(train_opt.get('autocast'))
-        if self.autocast == torch.float16:
-            raise ConfigError('train.autocast fp16 needs loss scaling, which this model does not do; use bf16')
-        self.degradation = RealESRGANDegradation(self.opt.get('degradation'), self.device)
+        self._init_shared_training(train_opt)
+        self._init_patch_count(train_opt, 1, 'tiles the UNet trains on')
         self.cri_pix = build_loss(dict(train_opt.get('pixel_opt', {'type': 'MSELoss'}))).to(self.device)
         if 'optim_g' not in train_opt:
             raise ConfigError('StableSRModel training needs train.optim_g')
@@ -153,12 +141,7 @@ class StableSRModel(PatchScalerModel):
         with self._autocast():
             pred = self.net_g(q_sample(x0, noise, a_bar), t, {'y_lr': y_lr})
         loss = self.cri_pix(pred.float(), training_target(x0, noise, a_bar, net.prediction_type))
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
-        self.optimizer_g.step()
-        if self.net_g_ema is not None:
-            self.model_ema(self.ema_decay)
+        self._step_denoiser(loss)
         self.log_dict = self.reduce_loss_dict(OrderedDict(l_pix=loss.detach()))
 
     def pipeline(self):
