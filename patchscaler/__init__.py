@@ -7,7 +7,7 @@ from . import compat
 
 compat.apply()
 
-from . import archs, data, losses, models, retrieval, sampling  # noqa: E402,F401  (registration)
+from . import archs, data, losses, metrics, models, retrieval, sampling  # noqa: E402,F401  (registration)
 from .registry import AUTOENCODERS, RETRIEVERS, SAMPLERS, TEXTURE_CLASSIFIERS  # noqa: E402,F401
 
 __version__ = '0.1.0'

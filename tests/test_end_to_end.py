@@ -4,6 +4,7 @@ Train (with validation and checkpoints), kill -9 the run, resume with --auto_res
 gloo run under torchrun. Each is a real subprocess of ``tools/*.py`` in a temporary folder.
 """
 import glob
+import json
 import os
 import os.path as osp
 import re
@@ -58,6 +59,12 @@ def workdir(tmp_path_factory):
     test_opt['datasets']['test_2'].update(opt['datasets']['val_unseen'], name='demo_val_unseen')
     test_opt['path']['pretrain_network_grm'] = str(root / 'experiments' / 'tiny_grm' / 'models' /
                                                    'net_grm_latest.pth')
+    # the paper's metrics without their weights (none in this folder): NIQE scores, MUSIQ is marked unavailable;
+    # an LR-only set gets the no-reference ones
+    test_opt['val']['metrics'].update(niqe={'type': 'calculate_niqe', 'crop_border': 4},
+                                      musiq={'type': 'calculate_musiq'})
+    test_opt['datasets']['test_3'] = {'name': 'demo_lr_only', 'type': 'PairedSRDataset',
+                                      'dataroot_lq': str(root / 'demo' / 'val_unseen' / 'LR_x4')}
     (root / 'test.yml').write_text(yaml.safe_dump(test_opt, sort_keys=False))
     return root
 
@@ -122,6 +129,16 @@ def test_train_kill_resume_and_test(workdir):
     assert re.search(r'# psnr: [\d.]+\t\(bicubic', test_log)
     assert 'PGS grading of demo_val_unseen' in test_log
     assert any(f.endswith('_pgs.png') for f in os.listdir(res / 'visualization' / 'demo_val_unseen'))
+    # the metric table of each set, printed and saved; missing weights named, never downloaded
+    assert re.search(r'# musiq: unavailable \(missing musiq_koniq_ckpt-e95806b9.pth', test_log), test_log[-3000:]
+    table = json.loads((res / 'metrics_demo_val_unseen.json').read_text())
+    assert set(table['means']) >= {'psnr', 'ssim', 'niqe', 'psnr_bicubic'} and 'musiq' in table['unavailable']
+    assert len(table['images']) == 4 and (res / 'metrics_demo_val_unseen.csv').is_file()
+    lr_only = json.loads((res / 'metrics_demo_lr_only.json').read_text())
+    assert set(lr_only['means']) == {'niqe', 'niqe_bicubic'}  # the GRM stage: its output is the SR
+    notes = {row['metric']: row['note'] for row in lr_only['summary']}
+    assert notes['psnr'] == 'no HR images' and notes['musiq'].startswith('unavailable')
+    assert '| niqe |' in (res / 'metrics_demo_lr_only.md').read_text()
 
 
 def test_torchrun_two_cpu_processes(workdir):

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
-from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
 from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
 from patchscaler.data.degradation import RealESRGANDegradation
+from patchscaler.metrics import MetricTable
 from patchscaler.models.pipeline import (
     PatchScalerPipeline,
     autocast,
@@ -48,7 +48,14 @@ from patchscaler.models.pipeline import (
     build_sampler_for,
     upsample_lr,
 )
-from patchscaler.models.validation import STAGE_SUFFIXES, log_metrics, log_pgs, log_x0_errors, save_visuals
+from patchscaler.models.validation import (
+    STAGE_SUFFIXES,
+    log_metrics,
+    log_pgs,
+    log_x0_errors,
+    save_metric_table,
+    save_visuals,
+)
 from patchscaler.sampling.schedules import q_sample, to_x0_eps
 from patchscaler.utils.checkpoint import load_weights
 from patchscaler.utils.errors import ConfigError, InputError
@@ -353,9 +360,9 @@ class PatchScalerModel(BaseModel):
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
-        metrics = self.opt['val'].get('metrics') or {}
+        table = MetricTable(self.opt['val'].get('metrics'))
         max_images = self.opt['val'].get('max_images')  # under DDP the other ranks wait: keep validation short
-        sums, count, skipped, pgs_counts, nfe_done, seconds, images, x0_sums = {}, 0, [], [], 0, 0.0, 0, []
+        skipped, pgs_counts, nfe_done, seconds, images, x0_sums = [], [], 0, 0.0, 0, []
         for val_data in tqdm(dataloader, desc=f'val {dataset_name}', unit='img', leave=False,
                              disable=not self.opt['val'].get('pbar', True)):
             if max_images and images >= max_images:
@@ -375,25 +382,20 @@ class PatchScalerModel(BaseModel):
                 save_visuals(self, visuals, sr_img, name, dataset_name, current_iter)
             if self.pgs_groups is not None:
                 pgs_counts.append(self.pgs_groups[0].flatten())
-            if 'gt' in visuals:
-                gt_img = tensor2img([visuals['gt']])
-                outputs = {'': sr_img, '_bicubic': tensor2img([visuals['bicubic']])}
-                if 'grm' in visuals:
-                    outputs['_grm'] = tensor2img([visuals['grm']])
-                for metric, metric_opt in metrics.items():
-                    for suffix, _ in STAGE_SUFFIXES:
-                        if suffix in outputs:
-                            key = f'{metric}{suffix}'
-                            sums[key] = sums.get(key, 0.0) + calculate_metric(
-                                {'img': outputs[suffix], 'img2': gt_img}, metric_opt)
-                count += 1
-                if self.net_g is not None:
-                    x0_sums.append(self.x0_errors())
+            outputs = {'': sr_img, '_bicubic': tensor2img([visuals['bicubic']])}
+            if 'grm' in visuals:
+                outputs['_grm'] = tensor2img([visuals['grm']])
+            outputs = {suffix: outputs[suffix] for suffix, _ in STAGE_SUFFIXES if suffix in outputs}
+            table.add(name, outputs, tensor2img([visuals['gt']]) if 'gt' in visuals else None)
+            if 'gt' in visuals and self.net_g is not None:
+                x0_sums.append(self.x0_errors())
         if skipped:
             get_root_logger().warning(f'{dataset_name}: skipped {len(skipped)} unreadable image(s):\n  ' +
                                       '\n  '.join(skipped))
-        self.metric_results = {k: v / count for k, v in sums.items()} if count else {}
+        self.metric_results, self.metric_table = table.means(), table
         log_metrics(self, current_iter, dataset_name, tb_logger)
+        if not self.opt['is_train'] and table.metrics and table.rows:
+            save_metric_table(self, table, dataset_name)
         if x0_sums:
             log_x0_errors(torch.stack(x0_sums).nanmean(0), self.x0_timesteps(), dataset_name, current_iter, tb_logger)
         if pgs_counts:

@@ -3,6 +3,7 @@ from os import path as osp
 
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 
+from patchscaler.metrics import better
 from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay
 
 # the pipeline's outputs a metric is computed for: final SR, the GRM's decoded y_HR, plain bicubic
@@ -10,13 +11,21 @@ STAGE_SUFFIXES = (('', 'PatchScaler'), ('_grm', 'GRM'), ('_bicubic', 'bicubic'))
 
 
 def log_metrics(model, current_iter, dataset_name, tb_logger):
-    """One line per metric: the final SR with its best so far, then the GRM and bicubic values and gains."""
-    if not model.metric_results:
+    """One line per metric: the final SR with its best so far, then the GRM and bicubic values and gains; a
+    metric that could not run says why (missing weight files: which, and where to put them)."""
+    table = getattr(model, 'metric_table', None)
+    unavailable = table.unavailable if table is not None else {}
+    if not model.metric_results and not unavailable:
         return
+    for metric_opt in (model.opt['val'].get('metrics') or {}).values():
+        metric_opt.setdefault('better', better(metric_opt))  # LPIPS and NIQE: lower (BasicSR assumes higher)
     model._initialize_best_metric_results(dataset_name)
     lines = [f'Validation {dataset_name}']
     for metric, best in model.best_metric_results[dataset_name].items():
         value = model.metric_results.get(metric)
+        if metric in unavailable:
+            lines.append(f'\t # {metric}: unavailable ({table.unavailable_short[metric]}; '
+                         f'python -m patchscaler.metrics lists the files and their sources)')
         if value is None:
             continue
         model._update_best_metric_result(dataset_name, metric, value, current_iter)
@@ -32,6 +41,14 @@ def log_metrics(model, current_iter, dataset_name, tb_logger):
     if tb_logger:
         for metric, value in model.metric_results.items():
             tb_logger.add_scalar(f'metrics/{dataset_name}/{metric}', value, current_iter)
+
+
+def save_metric_table(model, table, dataset_name):
+    """tools/test.py: the set's metric table as ``results/<name>/metrics_<set>.{md,json,csv}``, also printed."""
+    folder = model.opt['path'].get('results_root') or model.opt['path']['visualization']
+    path = table.save(folder, f'metrics_{dataset_name}')
+    get_root_logger().info(f'{table.markdown(f"{model.method_name} on {dataset_name}")}\n(saved to {path} and '
+                           f'.json/.csv beside it)')
 
 
 def log_x0_errors(errors, timesteps, dataset_name, current_iter, tb_logger):
