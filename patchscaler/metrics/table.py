@@ -71,11 +71,11 @@ class MetricTable:
         return row
 
     def means(self):
-        """{'<metric><suffix>': mean over the images that have it}, in the metrics' order."""
+        """{'<metric><suffix>': mean over the images that have it (NaN left out; inf kept, as BasicSR does)}."""
         keys = [k for row in self.rows for k in row if k != 'image']
         out = {}
         for key in dict.fromkeys(keys):
-            values = [row[key] for row in self.rows if key in row and math.isfinite(row[key])]
+            values = [row[key] for row in self.rows if key in row and not math.isnan(row[key])]
             if values:
                 out[key] = sum(values) / len(values)
         return out
