@@ -45,12 +45,18 @@ def checkpoint_files(ckpt):
     return found
 
 
-def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progress=False):
+def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progress=False, devices=None):
     """The pipeline of a parsed option dict, with weights loaded; see the module docstring."""
     from basicsr.archs import build_network
 
     from patchscaler.archs.autoencoder_arch import build_autoencoder
-    from patchscaler.models.pipeline import PatchScalerPipeline, build_denoiser, build_rtm_for, build_sampler_for
+    from patchscaler.models.pipeline import (
+        PatchScalerPipeline,
+        build_denoiser,
+        build_rtm_for,
+        build_sampler_for,
+        speed_options,
+    )
     from patchscaler.utils.checkpoint import load_weights
     from patchscaler.utils.options_check import check_networks
     for key in ('scale', 'autoencoder', 'network_grm'):
@@ -90,7 +96,7 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
         autoencoder, grm, opt['scale'], denoiser, sampler, rtm,
         color_fix=opt.get('color_fix', True) if color_fix is None else color_fix,
         tile=opt.get('tile') if tile is None else tile, tile_overlap=opt.get('tile_overlap', 64),
-        autocast=opt.get('autocast'))
+        **dict(speed_options(opt), **({'devices': devices} if devices else {})))
 
 
 def list_images(inputs):
@@ -241,12 +247,13 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
 
 
 def run(args_opt, inputs, out_dir, device=None, ckpt=None, save_qmap=False, color_fix=None, tile=None, suffix='',
-        seed=0, progress=True):
-    """Load the pipeline and run it; returns the InferSummary (the CLI prints it)."""
+        seed=0, progress=True, devices=None):
+    """Load the pipeline and run it; returns the InferSummary (the CLI prints it). ``devices``: PGS's groups on
+    several devices (group-parallel), e.g. ['cuda:0', 'cuda:1']."""
     from patchscaler.utils.cli import load_option_file
     opt = load_option_file(args_opt) if isinstance(args_opt, str) else args_opt
     start = time.perf_counter()
-    pipeline = load_pipeline(opt, device, ckpt, color_fix, tile, progress)
+    pipeline = load_pipeline(opt, device, ckpt, color_fix, tile, progress, devices)
     summary = infer_paths(pipeline, inputs, out_dir, save_qmap, suffix, seed, progress)
     summary.wall_s = time.perf_counter() - start
     return summary

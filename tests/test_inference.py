@@ -128,3 +128,73 @@ def test_option_and_checkpoint_problems_are_one_line(trained, tmp_path):
     assert proc.returncode == 2 and "network_dit.hiden" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = _infer(['-i', str(tmp_path / 'nothing'), '-o', str(tmp_path / 'o'), '--opt', opt_path], tmp_path)
     assert proc.returncode == 2 and 'input not found' in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- speed options (GPU fast path)
+def _pipes(trained, **variants):
+    opt_path, _ = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    base = load_pipeline(dict(opt), 'cpu')
+    return base, {name: load_pipeline(dict(opt, **extra), 'cpu', devices=extra.pop('_devices', None))
+                  for name, extra in variants.items()}
+
+
+def _lq(seed=0, size=20):
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_group_parallel_devices_give_the_same_image(trained):
+    """PGS's groups on two (CPU) devices in two threads, the texture prompt made on each device: the same SR."""
+    base, pipes = _pipes(trained, two={'_devices': ['cpu', 'cpu']})
+    ref, out = base(_lq(), seed=3), pipes['two'](_lq(), seed=3)
+    assert len(out.report.seconds_per_device) == 2 and out.report.cond_calls > 0
+    torch.testing.assert_close(out.sr, ref.sr, atol=1e-5, rtol=0)
+
+
+def test_devices_and_speed_options_are_checked(trained):
+    from patchscaler.utils.errors import ConfigError
+    opt_path, _ = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    with pytest.raises(ConfigError, match='cuda:7 is not there'):
+        load_pipeline(dict(opt), 'cpu', devices=['cpu', 'cuda:7'])
+    with pytest.raises(ConfigError, match='devices'):
+        load_pipeline(dict(opt), 'cpu', devices=['not-a-device'])
+
+
+def test_channels_last_and_compile_change_nothing_but_speed(trained):
+    base, pipes = _pipes(trained, nhwc={'channels_last': True}, compiled={'compile': {'backend': 'eager'}})
+    ref = base(_lq(1), seed=0).sr
+    torch.testing.assert_close(pipes['nhwc'](_lq(1), seed=0).sr, ref, atol=1e-5, rtol=0)
+    assert pipes['compiled'].grm._compiled_call_impl is not None
+    torch.testing.assert_close(pipes['compiled'](_lq(1), seed=0).sr, ref, atol=1e-5, rtol=0)
+
+
+def test_autoencoder_autocast_falls_back_to_fp32_on_nan(trained):
+    """bf16 for the autoencoder too: close to fp32; a decoder that overflows (NaN) in low precision is redone."""
+    base, pipes = _pipes(trained, ae16={'autocast': 'bf16', 'autoencoder_autocast': True},
+                         net16={'autocast': 'bf16'})
+    pipe = pipes['ae16']
+    out, ref = pipe(_lq(2), seed=0).sr, pipes['net16'](_lq(2), seed=0).sr
+    assert out.dtype == torch.float32 and (out - ref).abs().mean() < 0.02 and pipe.fp32_fallbacks == 0
+    decode = pipe.autoencoder.decode
+
+    def overflowing(z):
+        x = decode(z)
+        return x * float('nan') if torch.is_autocast_enabled('cpu') else x
+    pipe.autoencoder.decode = overflowing
+    fixed = pipe(_lq(2), seed=0).sr
+    assert torch.isfinite(fixed).all() and pipe.fp32_fallbacks >= 1
+    torch.testing.assert_close(fixed, ref, atol=0.02, rtol=0)
+
+
+def test_infer_cli_on_two_devices(trained, tmp_path):
+    opt_path, _ = trained
+    write_png(tmp_path / 'in' / 'a.png', random_bgr(12, 12, seed=7))
+    one = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'one'), '--opt', opt_path], tmp_path)
+    two = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'two'), '--opt', opt_path, '--devices', 'cpu,cpu'],
+                 tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = cv2.imread(str(tmp_path / 'one' / 'a.png')), cv2.imread(str(tmp_path / 'two' / 'a.png'))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -16,7 +16,7 @@ REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 sys.path.insert(0, REPO)
 
 from patchscaler.inference import run  # noqa: E402  (importing patchscaler applies the fixes)
-from patchscaler.utils.cli import one_line  # noqa: E402
+from patchscaler.utils.cli import load_option_file, one_line  # noqa: E402
 from patchscaler.utils.errors import PatchScalerError  # noqa: E402
 
 
@@ -34,11 +34,21 @@ def main(argv=None):
     p.add_argument('--tile', type=int, default=None, help='autoencoder tile size in HR pixels (bounds memory)')
     p.add_argument('--suffix', default='', help='appended to output names')
     p.add_argument('--seed', type=int, default=0, help='seed of the PGS start noise')
+    p.add_argument('--devices', default=None, help='PGS group-parallel sampling on several devices, e.g. '
+                   'cuda:0,cuda:1 (the paper: hard group on one GPU, the others on a second); encode, GRM, '
+                   'retrieval and decode stay on --device. Same result as one device')
+    p.add_argument('--compile', action='store_true', help='torch.compile the GRM and the denoiser (GPU; the '
+                   'first image of each size compiles)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
     try:
-        summary = run(args.opt, args.input, args.output, args.device, args.ckpt, args.save_qmap,
-                      False if args.no_color_fix else None, args.tile, args.suffix, args.seed, not args.no_progress)
+        opt = load_option_file(args.opt)
+        if args.compile:
+            opt['compile'] = True
+        devices = [d.strip() for d in args.devices.split(',') if d.strip()] if args.devices else None
+        summary = run(opt, args.input, args.output, args.device, args.ckpt, args.save_qmap,
+                      False if args.no_color_fix else None, args.tile, args.suffix, args.seed, not args.no_progress,
+                      devices)
     except PatchScalerError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)
         sys.exit(2)

@@ -46,6 +46,7 @@ from patchscaler.models.pipeline import (
     build_denoiser,
     build_rtm_for,
     build_sampler_for,
+    speed_options,
     upsample_lr,
 )
 from patchscaler.models.validation import (
@@ -277,7 +278,7 @@ class PatchScalerModel(BaseModel):
             self.get_bare_model(self.net_g) if self.net_g is not None else None)
         return PatchScalerPipeline(self.autoencoder, self.get_bare_model(self.net_grm), self.scale, denoiser,
                                    self.sampler, self.rtm, color_fix=self.color_fix, tile=self.tile,
-                                   tile_overlap=self.tile_overlap, autocast=self.opt.get('autocast'))
+                                   tile_overlap=self.tile_overlap, **speed_options(self.opt, devices=False))
 
     @torch.no_grad()
     def test(self):

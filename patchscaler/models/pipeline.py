@@ -16,7 +16,17 @@ Used by :class:`PatchScalerModel` for validation/testing and by ``tools/infer.py
   y0 patches (Algorithm 1) then the texture encoder, reused for all of their denoising steps.
 * Large images: the autoencoder's encode and decode run in overlapping tiles when a side exceeds
   ``tile`` pixels (``tile_overlap`` blended), so memory stays bounded; PGS is patch-wise already.
-* ``autocast`` ('bf16' / 'fp16' / None) covers the GRM and Patch-DiT; the autoencoder stays in fp32.
+* Speed options (the GPU fast path; every one also runs on a CPU):
+
+  - ``autocast`` ('bf16' / 'fp16' / None) covers the GRM and Patch-DiT (attention is SDPA: flash or
+    memory-efficient kernels on GPUs); the autoencoder stays in fp32 unless ``autoencoder_autocast``;
+  - ``autoencoder_autocast``: encode/decode in the autocast dtype too; a result with NaN/inf (fp16 SD VAE
+    decoders overflow) is redone in fp32, counted in ``fp32_fallbacks`` and warned about once;
+  - ``channels_last``: the autoencoder's and GRM's convolutions in NHWC (faster cuDNN kernels on GPUs);
+  - ``compile``: ``torch.compile`` the GRM and the denoiser in place (true, or torch.compile's keyword
+    arguments, e.g. ``{mode: max-autotune}``); the first call of each new input shape compiles;
+  - ``devices``: PGS's group-parallel sampling on several GPUs (:meth:`PatchScalerPipeline.set_devices`);
+  - patches of a group go to the denoiser ``sampler.batch_size`` at a time (64 by default: few large calls).
 * The wavelet color fix (section 4.1) applies to the diffusion output only: it corrects the colour drift
   of sampling; the GRM's regression output (``refine=False``, or no Patch-DiT) is returned as decoded.
 """
@@ -95,14 +105,17 @@ class PromptedPatchDiT(nn.Module):
         return self.dit(x_t, t, cond['y0'], cond.get('prompt'), cond.get('prompt_bias'))
 
 
-def make_prompt_fn(denoiser, rtm, top_k=None):
-    """PGS ``prepare_cond``: retrieve the top-K priors for a batch of y0 patches and encode the prompt."""
+def make_prompt_fn(denoiser, rtm, top_k=None, home=None):
+    """PGS ``prepare_cond``: retrieve the top-K priors for a batch of y0 patches and encode the prompt. With
+    group-parallel devices the batch may sit on another device than the RTM (``home``): retrieval runs at home
+    and the prompt is encoded by that device's copy of the denoiser (PGS passes it)."""
     if rtm is None or getattr(denoiser, 'texture_encoder', None) is None:
         return None
 
-    def prepare(cond):
-        priors, sims = rtm.query(cond['y0'], top_k)
-        return {**cond, **denoiser.encode_prompt(priors, sims)}
+    def prepare(cond, denoiser=denoiser):
+        y0 = cond['y0']
+        priors, sims = rtm.query(y0 if home is None else y0.to(home), top_k)
+        return {**cond, **denoiser.encode_prompt(priors.to(y0.device), sims.to(y0.device))}
     return prepare
 
 
@@ -121,10 +134,12 @@ class PipelineOutput:
 class PatchScalerPipeline:
     """Args: autoencoder, grm (None: y0 = y_LR, uniform sampling), scale; denoiser (PromptedPatchDiT, another
     sampler-interface denoiser, or None: GRM only), sampler (PGS), rtm, top_k; color_fix (bool); tile,
-    tile_overlap (pixels of the HR image; None = never tile); autocast."""
+    tile_overlap (pixels of the HR image; None = never tile); the speed options of the module docstring:
+    autocast, autoencoder_autocast, channels_last, compile, devices."""
 
     def __init__(self, autoencoder, grm, scale, denoiser=None, sampler=None, rtm=None, top_k=None, color_fix=True,
-                 tile=None, tile_overlap=64, autocast=None):
+                 tile=None, tile_overlap=64, autocast=None, autoencoder_autocast=False, channels_last=False,
+                 compile=None, devices=None):
         if denoiser is not None and sampler is None:
             raise ConfigError('a Patch-DiT needs a sampler (PGS options) to run')
         if denoiser is not None and sampler.patch_size != denoiser.patch_size:
@@ -150,6 +165,37 @@ class PatchScalerPipeline:
         if tile is not None and not 0 <= int(tile_overlap) <= int(tile) - d:
             raise ConfigError(f'tile_overlap must be in [0, tile - {d}] = [0, {int(tile) - d}], got {tile_overlap}')
         self.tile, self.tile_overlap = (int(tile) if tile else None), int(tile_overlap)
+        self.autoencoder_autocast, self.fp32_fallbacks = bool(autoencoder_autocast), 0
+        if channels_last:
+            for net in (autoencoder, grm):
+                if isinstance(net, torch.nn.Module):
+                    net.to(memory_format=torch.channels_last)
+        self.denoisers = None
+        if devices:
+            self.set_devices(devices)
+        if compile:
+            kwargs = {} if compile is True else dict(compile)
+            for net in [grm, *(self.denoisers or [denoiser])]:
+                if isinstance(net, torch.nn.Module) and getattr(net, '_compiled_call_impl', None) is None:
+                    net.compile(**kwargs)  # in place: attributes (patch_size, cond_keys ...) stay reachable
+
+    def set_devices(self, devices):
+        """Group-parallel PGS on ``devices`` (e.g. ['cuda:0', 'cuda:1']): the denoiser is copied to each other
+        device once; encode, GRM, retrieval and decode stay on the pipeline's device."""
+        if self.denoiser is None:
+            raise ConfigError('devices: there is no diffusion stage (network_dit / network_g) to spread over devices')
+        try:
+            devices = [torch.device(d) for d in devices]
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f'devices: {e}') from e
+        for d in devices:
+            if d.type == 'cuda' and (d.index or 0) >= torch.cuda.device_count():
+                raise ConfigError(f'devices: {d} is not there (this torch sees {torch.cuda.device_count()} GPUs)')
+        self.sampler.devices = devices
+        if self.sampler.device_groups is not None and len(self.sampler.device_groups) != len(devices):
+            raise ConfigError(f'sampler.device_groups has {len(self.sampler.device_groups)} lists for '
+                              f'{len(devices)} devices')
+        self.denoisers = self.sampler.replicate(self.denoiser)
 
     @property
     def device(self):
@@ -168,18 +214,38 @@ class PatchScalerPipeline:
         return autocast(self.device, self.autocast)
 
     def encode(self, images):
-        fn = self.autoencoder.encode
-        if self.tile and max(images.shape[-2:]) > self.tile:
-            d = self.autoencoder.downscale_factor
-            return tiled_apply(fn, images, self.tile, self.tile_overlap, 1 / d, multiple=d)
-        return fn(images)
+        def run(x):
+            fn = self.autoencoder.encode
+            if self.tile and max(x.shape[-2:]) > self.tile:
+                d = self.autoencoder.downscale_factor
+                return tiled_apply(fn, x, self.tile, self.tile_overlap, 1 / d, multiple=d)
+            return fn(x)
+        return self._autoencoder_call(run, images, 'encode')
 
     def decode(self, latent):
-        fn = self.autoencoder.decode
-        d = self.autoencoder.downscale_factor
-        if self.tile and max(latent.shape[-2:]) * d > self.tile:
-            return tiled_apply(fn, latent, self.tile // d, max(1, self.tile_overlap // d), d)
-        return fn(latent)
+        def run(z):
+            fn = self.autoencoder.decode
+            d = self.autoencoder.downscale_factor
+            if self.tile and max(z.shape[-2:]) * d > self.tile:
+                return tiled_apply(fn, z, self.tile // d, max(1, self.tile_overlap // d), d)
+            return fn(z)
+        return self._autoencoder_call(run, latent, 'decode')
+
+    def _autoencoder_call(self, run, x, what):
+        """fp32, or with ``autoencoder_autocast`` in the pipeline's autocast dtype; a low-precision result with
+        NaN/inf (the SD VAE decoder in fp16 is known to overflow) is redone in fp32 and counted."""
+        if not self.autoencoder_autocast or self.autocast is None:
+            return run(x)
+        with self._autocast():
+            out = run(x)
+        if torch.isfinite(out).all():
+            return out.float()
+        self.fp32_fallbacks += 1
+        if self.fp32_fallbacks == 1:
+            from basicsr.utils import get_root_logger
+            get_root_logger().warning(f'autoencoder {what} in {self.autocast} gave NaN/inf; redone in float32 (this '
+                                      f'and every later such call; autoencoder_autocast: false skips the try)')
+        return run(x.float())
 
     @torch.no_grad()
     def __call__(self, lq, refine=True, seed=None, return_grm=True):
@@ -218,8 +284,9 @@ class PatchScalerPipeline:
 
             def run_pgs():
                 with self._autocast():
-                    return self.sampler.sample(self.denoiser, y_hr, confidence, cond=cond,
-                                               prepare_cond=make_prompt_fn(self.denoiser, self.rtm, self.top_k),
+                    return self.sampler.sample(self.denoisers or self.denoiser, y_hr, confidence, cond=cond,
+                                               prepare_cond=make_prompt_fn(self.denoiser, self.rtm, self.top_k,
+                                                                           dev if self.denoisers else None),
                                                seed=seed)
             x_hr, report = timed('pgs', run_pgs)
             x_hr = x_hr.float()
@@ -233,6 +300,19 @@ class PatchScalerPipeline:
             conf = confidence[..., :-(-h // d), :-(-w // d)]
         return PipelineOutput(sr=sr.clamp(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,
                               seconds=seconds, y_hr=y_hr, y_lr=y_lr)
+
+
+#: top-level option -> PatchScalerPipeline argument (the speed options of the module docstring)
+SPEED_OPTIONS = {'autocast': 'autocast', 'autoencoder_autocast': 'autoencoder_autocast',
+                 'channels_last': 'channels_last', 'compile': 'compile', 'pgs_devices': 'devices'}
+
+
+def speed_options(opt, devices=True):
+    """The pipeline's speed arguments from a parsed option file (``pgs_devices`` only with ``devices``)."""
+    out = {arg: opt[key] for key, arg in SPEED_OPTIONS.items() if opt.get(key) is not None}
+    if not devices:
+        out.pop('devices', None)
+    return out
 
 
 def build_denoiser(opt):

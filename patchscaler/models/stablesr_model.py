@@ -38,7 +38,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
 from patchscaler.models.patchscaler_model import PatchScalerModel, random_patches
-from patchscaler.models.pipeline import PatchScalerPipeline
+from patchscaler.models.pipeline import PatchScalerPipeline, speed_options
 from patchscaler.sampling import build_sampler
 from patchscaler.sampling.schedules import q_sample, training_target
 from patchscaler.utils.errors import ConfigError
@@ -148,7 +148,7 @@ class StableSRModel(PatchScalerModel):
         denoiser = self.net_g_ema if self.net_g_ema is not None else self.get_bare_model(self.net_g)
         return PatchScalerPipeline(self.autoencoder, self.net_grm, self.scale, denoiser, self.sampler,
                                    color_fix=self.color_fix, tile=self.tile, tile_overlap=self.tile_overlap,
-                                   autocast=self.opt.get('autocast'))
+                                   **speed_options(self.opt, devices=False))
 
     def save(self, epoch, current_iter):
         net = self.get_bare_model(self.net_g)

@@ -14,6 +14,7 @@ latent's (h, w): it is patchified on the same grid as y0, so patch m of y0 and o
 tensors (None, numbers, strings) are passed through unchanged.
 ``prepare_cond(cond_batch) -> cond_batch`` runs once per batch of patches before its first step, for
 time-independent conditioning such as the texture prompt: computed once per patch, reused for all steps.
+If it has a ``denoiser`` parameter, it gets the denoiser that batch runs on (the copy on that device).
 
 Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then
 patchified, so overlapping patches see the same noise at the same pixel, the result does not depend on
@@ -30,6 +31,7 @@ to avoid that copy). Without ``devices``, everything runs where y0 is.
 """
 import contextlib
 import copy
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -238,7 +240,10 @@ class PatchGroupSampler:
                 plan[d] += [(g, idx[i:i + self.batch_size]) for i in range(0, len(idx), self.batch_size)]
         return plan, counts
 
-    def _denoisers(self, denoiser, devices):
+    def replicate(self, denoiser, devices=None):
+        """One denoiser per device of ``devices`` (default: the sampler's): ``denoiser`` itself where it already
+        is, a copy elsewhere. Pass the list to :meth:`sample` to copy once instead of on every call."""
+        devices = devices or self.devices or []
         if isinstance(denoiser, (list, tuple)):
             if len(denoiser) != len(devices):
                 raise ConfigError(f'{len(denoiser)} denoisers given for {len(devices)} devices')
@@ -287,7 +292,8 @@ class PatchGroupSampler:
         groups_flat = groups.flatten()
         plan, counts = self._plan(groups_flat)
         devices = self.devices or [y0.device]
-        nets = self._denoisers(denoiser, devices)
+        takes_net = prepare_cond is not None and 'denoiser' in inspect.signature(prepare_cond).parameters
+        nets = self.replicate(denoiser, devices)
         calls = sum(-(-c // self.batch_size) * n for c, n in zip(counts, self.calls))
         stats = {'calls': 0, 'cond': 0, 'seconds': {}}
         lock = threading.Lock()
@@ -319,7 +325,7 @@ class PatchGroupSampler:
             for g, idx in plan[d]:
                 c = cond_at(idx, dev)
                 if prepare_cond is not None:
-                    c = prepare_cond(c)
+                    c = prepare_cond(c, denoiser=net) if takes_net else prepare_cond(c)
                     with lock:
                         stats['cond'] += 1
                 gen = torch.Generator().manual_seed(hash((seed, g, int(idx[0]))) % 2 ** 63)
