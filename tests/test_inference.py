@@ -136,8 +136,12 @@ def _pipes(trained, **variants):
     with open(opt_path) as f:
         opt = yaml.safe_load(f)
     base = load_pipeline(dict(opt), 'cpu')
-    return base, {name: load_pipeline(dict(opt, **extra), 'cpu', devices=extra.pop('_devices', None))
-                  for name, extra in variants.items()}
+    out = {}
+    for name, extra in variants.items():
+        extra = dict(extra)
+        devices = extra.pop('_devices', None)
+        out[name] = load_pipeline(dict(opt, **extra), 'cpu', devices=devices)
+    return base, out
 
 
 def _lq(seed=0, size=20):
@@ -145,10 +149,24 @@ def _lq(seed=0, size=20):
 
 
 def test_group_parallel_devices_give_the_same_image(trained):
-    """PGS's groups on two (CPU) devices in two threads, the texture prompt made on each device: the same SR."""
+    """PGS's groups on two (CPU) devices in two threads, each device's texture prompts made by its own copy of the
+    denoiser (forced here: on one CPU the copy would be skipped): the same SR as on one device."""
+    import copy
     base, pipes = _pipes(trained, two={'_devices': ['cpu', 'cpu']})
-    ref, out = base(_lq(), seed=3), pipes['two'](_lq(), seed=3)
-    assert len(out.report.seconds_per_device) == 2 and out.report.cond_calls > 0
+    pipe = pipes['two']
+    copied = copy.deepcopy(pipe.denoiser)
+    pipe.denoisers = [pipe.denoiser, copied]
+    used = []
+    encode = copied.encode_prompt
+    copied.encode_prompt = lambda *a: used.append(1) or encode(*a)
+    from patchscaler.sampling.grouping import GroupAssigner
+    for p in (base, pipe):  # random weights grade every patch alike: fixed shares give every group patches
+        p.sampler.assigner = GroupAssigner(3, mode='share', shares=[0.4, 0.3, 0.3])
+    pipe.sampler.device_groups = [[1, 2], [0]]  # the simple group on the copy (device 1)
+    lq = _lq(size=48)
+    ref, out = base(lq, seed=3), pipe(lq, seed=3)
+    assert out.report.patches_per_group[0] > 0 and out.report.cond_calls > 0 and used  # the copy made prompts
+    assert len(out.report.seconds_per_device) == 2
     torch.testing.assert_close(out.sr, ref.sr, atol=1e-5, rtol=0)
 
 
@@ -161,11 +179,23 @@ def test_devices_and_speed_options_are_checked(trained):
         load_pipeline(dict(opt), 'cpu', devices=['cpu', 'cuda:7'])
     with pytest.raises(ConfigError, match='devices'):
         load_pipeline(dict(opt), 'cpu', devices=['not-a-device'])
+    with pytest.raises(ConfigError, match='not thread-safe'):
+        load_pipeline(dict(opt, compile=True), 'cpu', devices=['cpu', 'cpu'])
+    with pytest.raises(ConfigError, match='autoencoder_autocast needs autocast'):
+        load_pipeline(dict(opt, autoencoder_autocast=True), 'cpu')
+    from patchscaler.models.pipeline import speed_options
+    assert speed_options({'compile': True, 'pgs_devices': ['cuda:0']}) == {'compile': True, 'devices': ['cuda:0']}
+    with pytest.raises(ConfigError, match='pgs_devices is an inference option'):
+        speed_options({'pgs_devices': ['cuda:0'], 'is_train': False}, model=True)
+    with pytest.raises(ConfigError, match='compile is an inference option'):
+        speed_options({'compile': True, 'is_train': True}, model=True)
 
 
 def test_channels_last_and_compile_change_nothing_but_speed(trained):
     base, pipes = _pipes(trained, nhwc={'channels_last': True}, compiled={'compile': {'backend': 'eager'}})
     ref = base(_lq(1), seed=0).sr
+    convs = [m for m in pipes['nhwc'].grm.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     torch.testing.assert_close(pipes['nhwc'](_lq(1), seed=0).sr, ref, atol=1e-5, rtol=0)
     assert pipes['compiled'].grm._compiled_call_impl is not None
     torch.testing.assert_close(pipes['compiled'](_lq(1), seed=0).sr, ref, atol=1e-5, rtol=0)

@@ -80,6 +80,13 @@ def test_registered_and_reference_kinds():
     assert not needs_reference({'type': 'calculate_musiq'}) and not needs_reference({'type': 'calculate_niqe'})
     assert needs_reference({'type': 'calculate_lpips'}) and needs_reference({'type': 'calculate_psnr'})
     assert not needs_reference({'type': 'calculate_pyiqa', 'metric': 'clipiqa'})
+    # any other pyiqa metric: its mode and direction from pyiqa's own table
+    from patchscaler.metrics import better
+    assert not needs_reference({'type': 'calculate_pyiqa', 'metric': 'brisque'})
+    assert needs_reference({'type': 'calculate_pyiqa', 'metric': 'dists'})
+    assert better({'type': 'calculate_pyiqa', 'metric': 'dists'}) == 'lower'
+    assert better({'type': 'calculate_pyiqa', 'metric': 'topiq_nr'}) == 'higher'
+    assert better({'type': 'calculate_lpips'}) == better({'type': 'calculate_niqe'}) == 'lower'
 
 
 @pytest.mark.parametrize('metric, files', [('maniqa', ['ckpt_koniq10k.pt']), ('clipiqa', ['RN50.pt']),
@@ -110,13 +117,20 @@ def test_any_pyiqa_metric_is_redirected_not_downloaded(tmp_path):
     assert 'https://' in str(err.value)
 
 
-def test_timm_backbones_are_built_without_hub_weights(tmp_path):
-    """ManIQA's ViT comes from timm with pretrained=True; inside the offline context nothing is fetched."""
+def test_timm_backbones_are_built_without_hub_weights(tmp_path, monkeypatch):
+    """ManIQA's ViT comes from timm with pretrained=True; for ManIQA (whose checkpoint replaces it strictly) it is
+    built without hub weights; for any other metric the hub is offline, so a timm fetch fails instead."""
+    import os
+
     import timm
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    original = timm.create_model
     with iqa._Offline('maniqa', str(tmp_path))():
+        assert os.environ['HF_HUB_OFFLINE'] == '1'
         net = timm.create_model('resnet18', pretrained=True)
-    assert isinstance(net, torch.nn.Module)
-    assert timm.create_model.__name__ == 'create_model'  # restored afterwards
+    assert isinstance(net, torch.nn.Module) and timm.create_model is original and 'HF_HUB_OFFLINE' not in os.environ
+    with iqa._Offline('other', str(tmp_path))():
+        assert timm.create_model is original
 
 
 def test_lpips_and_musiq_from_local_files(weights):

@@ -120,7 +120,7 @@ def test_benchmark_patch_dit_and_end_to_end(tmp_path, monkeypatch, tiny_patchsca
     benchmark.main(['--parts', 'dit', 'e2e', 'baselines', '--dit-presets', 'tiny', '--dit-batch', '2',
                     '--patch-size', '8',
                     '--e2e-opt', str(tmp_path / 'tiny.yml'), '--e2e-ckpt', '', '--e2e-lr', '16', '--repeats', '1',
-                    '--warmup', '0', '--out', str(tmp_path)])
+                    '--warmup', '0', '--devices', 'cpu,cpu', '--out', str(tmp_path)])
     result = json.loads((tmp_path / 'benchmark.json').read_text())
     row = result['dit']['rows'][0]
     # one V=8, p=2 patch (16 tokens, width 192, 4 blocks) costs at least its linear layers' 2·params·tokens FLOPs
@@ -129,8 +129,13 @@ def test_benchmark_patch_dit_and_end_to_end(tmp_path, monkeypatch, tiny_patchsca
     tokens = result['dit']['prompt_tokens']
     assert row['encoder_gflops_per_patch'] > 2 * 0.5 * row['encoder_params_m'] * 1e6 * tokens / 1e9
     e2e = result['e2e']
-    assert e2e['weights'] == 'random init' and set(e2e['stages_s']) == {'encode', 'grm', 'pgs', 'decode', 'color_fix'}
+    assert e2e['weights'].startswith('random init') and set(e2e['stages_s']) == {'encode', 'grm', 'pgs', 'decode',
+                                                                                 'color_fix'}
     assert sum(e2e['stage_share'].values()) == pytest.approx(1.0) and e2e['nfe'] <= e2e['nfe_uniform']
+    # uniform, PGS and PGS on two devices: the same networks; group-parallel does the same work
+    uniform, pgs, two = e2e['rows']
+    assert uniform['nfe_ratio'] == 1 and pgs['nfe'] == two['nfe'] == e2e['nfe'] and two['variant'] == 'PGS on cpu,cpu'
+    assert all(r['megapixels_per_s'] > 0 for r in e2e['rows'])
     table = (tmp_path / 'benchmark.md').read_text()
     assert '| tiny |' in table and 'End to end' in table and '| tiny RRDBNet |' in table
     assert result['baselines']['rows'][0]['wall_s'] > 0 and result['baselines']['lr_size'] == 16
@@ -146,3 +151,19 @@ def test_model_options_sampler_is_checked(demo_opt):
     opt['sampler'] = 'options/samplers/no_such_file.yml'
     with pytest.raises(ConfigError, match='sampler: path does not exist'):
         check_options(opt)
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_at_paper_scale(tmp_path, monkeypatch):
+    """--e2e-size paper: the networks of options/test_patchscaler.yml (GRM, Patch-DiT B, texture encoder) and the SD
+    VAE architecture at random init with a random RTM; no weight file is read."""
+    monkeypatch.syspath_prepend(osp.join(ROOT, 'tools'))
+    sys.modules.pop('benchmark', None)
+    import benchmark
+    benchmark.main(['--parts', 'e2e', '--e2e-size', 'paper', '--e2e-lr', '16', '--repeats', '1', '--warmup', '0',
+                    '--out', str(tmp_path)])
+    e2e = json.loads((tmp_path / 'benchmark.json').read_text())['e2e']
+    assert e2e['opt'] == 'options/test_patchscaler.yml' and e2e['weights'].startswith('paper-scale networks')
+    uniform, pgs = e2e['rows']
+    assert uniform['nfe'] == 20 and pgs['nfe'] < uniform['nfe']  # one 16² latent patch, graded by share
+    assert 'End to end, options/test_patchscaler.yml' in (tmp_path / 'benchmark.md').read_text()

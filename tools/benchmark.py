@@ -223,7 +223,12 @@ def parse_args(argv=None):
                    help='stablesr (minutes on a CPU) runs only when named')
     p.add_argument('--dit-presets', nargs='+', choices=sorted(MODELS), default=['S', 'B', 'L'])
     p.add_argument('--dit-batch', type=int, default=8, help='dit: patches per timed Patch-DiT call')
-    p.add_argument('--e2e-opt', default='options/demo/test_patchscaler_demo.yml', help='e2e: model options')
+    p.add_argument('--e2e-size', choices=['demo', 'paper'], default='demo',
+                   help='e2e: the demo model (trained if present) or the paper-scale networks at random init')
+    p.add_argument('--e2e-opt', default=None, help='e2e: model options (default: the demo test file, or '
+                   'options/test_patchscaler.yml with --e2e-size paper)')
+    p.add_argument('--devices', default=None, type=lambda s: [d.strip() for d in s.split(',') if d.strip()],
+                   help='e2e: also time PGS group-parallel on these devices, e.g. cuda:0,cuda:1')
     p.add_argument('--e2e-ckpt', default='experiments/demo_patchscaler_x4', help='e2e: trained run (else random)')
     p.add_argument('--e2e-lr', type=int, default=128, help='e2e: LR side')
     p.add_argument('--stablesr-opt', default='options/stablesr/demo/test_stablesr_pgs_demo.yml',

@@ -79,40 +79,112 @@ def run_dit(args):
             'rows': rows}
 
 
+def _paper_pipeline(args, opt):
+    """The networks of ``opt`` (options/test_patchscaler.yml: GRM, Patch-DiT B, texture encoder) at random init,
+    the SD VAE's architecture at random init and a random 2,000-patch RTM: the paper-scale cost, no files."""
+    from basicsr.archs import build_network
+
+    from patchscaler.archs.autoencoder_arch import build_autoencoder
+    from patchscaler.models.pipeline import PatchScalerPipeline, PromptedPatchDiT, build_sampler_for, speed_options
+    from patchscaler.retrieval import ReferenceTextureMemory
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    ae = build_autoencoder({'type': 'DiffusersAutoencoderKL', 'config': SD_VAE, 'scaling_factor': 0.18215})
+    grm = build_network(dict(opt['network_grm']))
+    denoiser = PromptedPatchDiT(build_network(dict(opt['network_dit'])), build_network(dict(opt['network_texture'])))
+    v = denoiser.patch_size
+    rtm = ReferenceTextureMemory.build(torch.randn(2000, 4, v, v, generator=torch.Generator().manual_seed(0)), None,
+                                       2000, fps='keys', top_k=opt['rtm'].get('top_k', 4)).to(device)
+    sampler = build_sampler_for(opt, denoiser)
+    sampler.batch_size = args.batch_size
+    return PatchScalerPipeline(ae.to(device), grm.to(device).eval(), opt['scale'], denoiser.to(device).eval(), sampler,
+                               rtm, color_fix=True, tile=opt.get('tile'), tile_overlap=opt.get('tile_overlap', 64),
+                               **speed_options(opt))
+
+
+def _variant(pipe, sampler_opt, devices=None):
+    """``pipe`` with another sampler (same networks, RTM and options) and optionally group-parallel devices."""
+    from patchscaler.models.pipeline import PatchScalerPipeline
+    from patchscaler.sampling import build_sampler
+    return PatchScalerPipeline(pipe.autoencoder, pipe.grm, pipe.scale, pipe.denoiser, build_sampler(sampler_opt),
+                               pipe.rtm, pipe.top_k, pipe.color_fix, pipe.tile, pipe.tile_overlap, pipe.autocast,
+                               pipe.autoencoder_autocast, devices=devices)
+
+
 def run_e2e(args):
-    """The demo model end to end, LR --e2e-lr² -> ×4 on one image, split by pipeline stage. Weights: the trained
-    demo run when it exists (realistic PGS groups), else random init (same cost, arbitrary groups)."""
+    """A PatchScaler option file end to end on one image (LR --e2e-lr² -> ×4), split by pipeline stage: PGS and
+    uniform sampling (one group, τ = 1000, 20 steps) with the same networks, and with --devices PGS's groups on
+    several devices; timed round-robin. Weights: ``--e2e-size demo``: the trained demo run when it exists
+    (realistic groups), else random init; ``paper``: the paper-scale networks of --e2e-opt (default
+    options/test_patchscaler.yml) at random init with the SD VAE architecture, grouped by fixed shares."""
+    import yaml
+
     from patchscaler.inference import checkpoint_files, load_pipeline
     from patchscaler.utils.cli import load_option_file
-    from patchscaler.utils.timing import measure
-    opt = load_option_file(osp.join(REPO, args.e2e_opt))
-    ckpt = osp.join(REPO, args.e2e_ckpt) if args.e2e_ckpt else ''
-    trained = bool(ckpt and osp.isdir(ckpt) and len(checkpoint_files(ckpt)) == 3)
-    if not trained:
-        from basicsr.archs import build_network
-        tmp = osp.join(args.out, 'random_init')
-        os.makedirs(tmp, exist_ok=True)
-        for name in ('grm', 'dit', 'texture'):
-            torch.manual_seed(0)
-            torch.save({'params': build_network(dict(opt[f'network_{name}'])).state_dict()},
-                       osp.join(tmp, f'net_{name}_latest.pth'))
-    if opt.get('rtm') and not osp.isabs(opt['rtm']['path']):
-        opt['rtm']['path'] = osp.join(REPO, opt['rtm']['path'])
-    pipe = load_pipeline(opt, args.device, ckpt if trained else tmp)
+    from patchscaler.utils.timing import measure_interleaved
+    opt_file = args.e2e_opt or ('options/test_patchscaler.yml' if args.e2e_size == 'paper' else
+                                'options/demo/test_patchscaler_demo.yml')
+    opt = load_option_file(osp.join(REPO, opt_file))
+    if args.bf16:
+        opt['autocast'] = 'bf16'
+    if opt.get('compile') and args.devices:
+        raise SystemExit('error: compile and --devices together are not supported (torch.compile is not thread-safe)')
+    if isinstance(opt.get('sampler'), str):
+        with open(osp.join(REPO, opt['sampler'])) as f:
+            opt['sampler'] = yaml.safe_load(f)['sampler']
+    trained = False
+    if args.e2e_size == 'paper':
+        pipe, weights = _paper_pipeline(args, opt), 'paper-scale networks, random init'
+    else:
+        ckpt = osp.join(REPO, args.e2e_ckpt) if args.e2e_ckpt else ''
+        trained = bool(ckpt and osp.isdir(ckpt) and len(checkpoint_files(ckpt)) == 3)
+        if not trained:
+            from basicsr.archs import build_network
+            ckpt = osp.join(args.out, 'random_init')
+            os.makedirs(ckpt, exist_ok=True)
+            for name in ('grm', 'dit', 'texture'):
+                torch.manual_seed(0)
+                torch.save({'params': build_network(dict(opt[f'network_{name}'])).state_dict()},
+                           osp.join(ckpt, f'net_{name}_latest.pth'))
+        if opt.get('rtm') and not osp.isabs(opt['rtm']['path']):
+            opt['rtm']['path'] = osp.join(REPO, opt['rtm']['path'])
+        pipe = load_pipeline(opt, args.device, ckpt)
+        weights = 'trained demo run' if trained else 'random init'
+    pgs_opt = dict(opt['sampler'], batch_size=args.batch_size)
+    if not trained:  # an untrained GRM grades (nearly) every patch hard: grade by fixed shares instead
+        pgs_opt['grouping'] = {'mode': 'share', 'shares': list(RANDOM_INIT_SHARES)}
+        weights += f', groups by share {"/".join(map(str, RANDOM_INIT_SHARES))}'
+    uniform_opt = dict(pgs_opt, groups=[{'tau': 1000, 'steps': 20}], grouping=None)
+    variants = [('uniform (20 steps, τ=1000)', _variant(pipe, uniform_opt)), ('PGS', _variant(pipe, pgs_opt))]
+    if args.devices:
+        variants.append((f"PGS on {','.join(args.devices)}", _variant(pipe, pgs_opt, args.devices)))
     from skimage import data
     img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
     lq = torch.nn.functional.interpolate(img, size=(args.e2e_lr, args.e2e_lr), mode='area')
-    t = measure(lambda: pipe(lq, return_grm=False), args.device, args.repeats, args.warmup)
-    out = t['result']
-    stages = dict(out.seconds)
-    total = sum(stages.values())
-    print(f"end to end {args.e2e_lr}->{args.e2e_lr * pipe.scale}: {t['median_s']:.2f} s (" +
-          ', '.join(f'{k} {v:.2f} s' for k, v in stages.items()) + ')', flush=True)
-    return {'opt': args.e2e_opt, 'weights': 'trained demo run' if trained else 'random init', 'lr_size': args.e2e_lr,
-            'scale': pipe.scale, 'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb'],
-            'stages_s': stages, 'stage_share': {k: v / total for k, v in stages.items()},
-            'nfe': out.report.nfe_total, 'nfe_uniform': out.report.nfe_uniform,
-            'patches_per_group': list(out.report.patches_per_group)}
+    timed = measure_interleaved([lambda p=p: p(lq, return_grm=False) for _, p in variants], args.device,
+                                args.repeats, args.warmup)
+    out_mp = (args.e2e_lr * pipe.scale) ** 2 / 1e6
+    rows = []
+    for (name, _), t in zip(variants, timed):
+        out = t['result']
+        stages = dict(out.seconds)
+        total = sum(stages.values())
+        rows.append({'variant': name, 'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb'],
+                     'megapixels_per_s': out_mp / t['median_s'], 'stages_s': stages,
+                     'stage_share': {k: v / total for k, v in stages.items()}, 'nfe': out.report.nfe_total,
+                     'patches_per_group': list(out.report.patches_per_group)})
+    for r in rows:
+        r['wall_ratio'], r['nfe_ratio'] = r['wall_s'] / rows[0]['wall_s'], r['nfe'] / rows[0]['nfe']
+        print(f"end to end {args.e2e_lr}->{args.e2e_lr * pipe.scale}, {r['variant']}: {r['wall_s']:.2f} s "
+              f"({r['wall_ratio']:.2f}x uniform, NFE {r['nfe_ratio']:.2f}x; " +
+              ', '.join(f'{k} {v:.2f} s' for k, v in r['stages_s'].items()) + ')', flush=True)
+    pgs = rows[1]
+    return {'opt': opt_file, 'size': args.e2e_size, 'weights': weights, 'lr_size': args.e2e_lr, 'scale': pipe.scale,
+            'autocast': opt.get('autocast'), 'rows': rows,
+            # the PGS row's figures at the top level, as earlier versions of this file wrote them
+            'wall_s': pgs['wall_s'], 'peak_mem_mb': pgs['peak_mem_mb'], 'stages_s': pgs['stages_s'],
+            'stage_share': pgs['stage_share'], 'nfe': pgs['nfe'], 'nfe_uniform': rows[0]['nfe'],
+            'patches_per_group': pgs['patches_per_group']}
 
 
 BASELINES = {  # the paper-scale generators of options/baselines/
@@ -267,11 +339,17 @@ def markdown_dit(result):
 
 def markdown_e2e(result):
     e = result['e2e']
-    stages = ' | '.join(f"{v:.2f} s ({100 * e['stage_share'][k]:.0f}%)" for k, v in e['stages_s'].items())
-    return '\n'.join([
-        f"End to end, {e['opt']} ({e['weights']}), LR {e['lr_size']}² → ×{e['scale']} on {result['device_name']} "
-        f"({result['device']}, {result['threads']} threads), median of {result['repeats']}: "
-        f"PGS did {e['nfe']} patch evaluations vs {e['nfe_uniform']} uniform "
-        f"(groups {'/'.join(map(str, e['patches_per_group']))}).", '',
-        '| total | ' + ' | '.join(e['stages_s']) + ' |', '| ---: |' + ' ---: |' * len(e['stages_s']),
-        f"| {e['wall_s']:.2f} s | {stages} |"]) + '\n'
+    mem = any(r['peak_mem_mb'] is not None for r in e['rows'])
+    stages = list(e['rows'][0]['stages_s'])
+    lines = [f"End to end, {e['opt']} ({e['weights']}{', bf16 autocast' if e.get('autocast') else ''}), LR "
+             f"{e['lr_size']}² → ×{e['scale']} on {result['device_name']} ({result['device']}, {result['threads']} "
+             f"threads), median of {result['repeats']}, variants timed round-robin:", '',
+             '| variant | patches per group | NFE | NFE ratio | wall (s) | wall ratio | output MP/s | '
+             + ('peak GPU memory (MiB) | ' if mem else '') + ' | '.join(stages) + ' |',
+             '| --- | --- |' + ' ---: |' * (5 + mem + len(stages))]
+    for r in e['rows']:
+        share = ' | '.join(f"{r['stages_s'][k]:.2f} s ({100 * r['stage_share'][k]:.0f}%)" for k in stages)
+        lines.append(f"| {r['variant']} | {'/'.join(map(str, r['patches_per_group']))} | {r['nfe']} | "
+                     f"{r['nfe_ratio']:.2f} | {r['wall_s']:.2f} | {r['wall_ratio']:.2f} | "
+                     f"{r['megapixels_per_s']:.3f} | " + (f"{r['peak_mem_mb']:.0f} | " if mem else '') + share + ' |')
+    return '\n'.join(lines) + '\n'

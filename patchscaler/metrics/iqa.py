@@ -5,8 +5,10 @@ the metric option ``weights_dir``, else ``$PATCHSCALER_IQA_WEIGHTS``, else ``wei
 working directory). Files keep the names pyiqa downloads them under (:data:`WEIGHT_FILES`;
 ``python -m patchscaler.metrics`` prints the list, where each comes from, and which are present). While a
 metric is built, pyiqa's download function, CLIP's and torchvision's weight loaders are pointed at that
-folder; a file that is not there raises :class:`MetricUnavailable` naming it, and a stray download attempt
-raises too. Validation and ``tools/compare.py`` report such a metric as unavailable and go on.
+folder; a file that is not there raises :class:`MetricUnavailable` naming it, a stray download attempt raises
+too, and the Hugging Face hub is set offline. Validation and ``tools/test.py`` report such a metric as
+unavailable and go on; ``tools/compare.py`` notes the message per image. Metrics are built under a lock, but
+the redirection is process-wide while one is built: build them from the main thread.
 
 Choices (the paper names the metrics, not their settings; these are pyiqa's defaults, which ResShift,
 StableSR and the paper's other baselines report):
@@ -17,7 +19,8 @@ StableSR and the paper's other baselines report):
 - CLIPIQA: pyiqa ``clipiqa`` (OpenAI CLIP RN50, pyiqa's ensemble of five antonym prompt pairs).
 - MUSIQ: pyiqa ``musiq`` (KonIQ-10k checkpoint, score 0-100).
 - LPIPS: pyiqa ``lpips`` (AlexNet, v0.1), full-reference, lower is better.
-- ``calculate_pyiqa`` takes any other pyiqa metric by name (``metric: dists``...), offline the same way.
+- ``calculate_pyiqa`` takes any other pyiqa metric by name (``metric: dists``...), offline the same way; a
+  metric that needs files from the Hugging Face hub (timm backbones) is reported unavailable.
 
 Inputs are BasicSR's: uint8 (or [0, 255] float) BGR HWC numpy images, ``crop_border`` pixels cut off each
 side. The networks run on ``device`` (default: CUDA when available) and are built once per process.
@@ -48,8 +51,10 @@ WEIGHT_FILES = {
     'lpips': [('LPIPS_v0.1_alex-df73285e.pth', _HF + 'LPIPS_v0.1_alex-df73285e.pth'),
               ('alexnet-owt-7be5be79.pth', 'https://download.pytorch.org/models/alexnet-owt-7be5be79.pth')],
 }
-#: pyiqa metrics scored without a reference image
+#: pyiqa metrics scored without a reference image (others: pyiqa's own metric_mode, see :func:`pyiqa_info`)
 NO_REFERENCE = {'maniqa', 'clipiqa', 'musiq'}
+#: metrics whose timm backbone is built without hub weights: their checkpoint is loaded strictly over all of it
+TIMM_REPLACED = {'maniqa'}
 
 
 class MetricUnavailable(MissingWeightsError):
@@ -125,20 +130,27 @@ class _Offline:
                 patches.append((mod, 'download_url_to_file', self.refuse))
             if mod_name.endswith('clip_model') and hasattr(mod, '_download'):
                 patches.append((mod, '_download', self.clip_download))
-        create_model = timm.create_model
+        if self.name in TIMM_REPLACED:
+            create_model = timm.create_model
 
-        def create_model_offline(*args, **kwargs):  # the metric's own checkpoint replaces these weights
-            return create_model(*args, **dict(kwargs, pretrained=False))
+            def create_model_offline(*args, **kwargs):  # the metric's own checkpoint replaces these weights
+                return create_model(*args, **dict(kwargs, pretrained=False))
 
-        patches.append((timm, 'create_model', create_model_offline))
+            patches.append((timm, 'create_model', create_model_offline))
         saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in patches]
+        hub_offline = os.environ.get('HF_HUB_OFFLINE')
         try:
+            os.environ['HF_HUB_OFFLINE'] = '1'  # any other Hugging Face hub fetch fails instead of downloading
             for mod, attr, new in patches:
                 setattr(mod, attr, new)
             yield
         finally:
             for mod, attr, old in saved:
                 setattr(mod, attr, old)
+            if hub_offline is None:
+                os.environ.pop('HF_HUB_OFFLINE', None)
+            else:
+                os.environ['HF_HUB_OFFLINE'] = hub_offline
 
 
 _CACHE, _LOCK = {}, threading.Lock()
@@ -182,9 +194,26 @@ def build_metric(name, folder=None, device=None):
         except ImportError as e:
             raise MetricUnavailable(f"metric '{name}' is unavailable: {e} (openai-clip needs pkg_resources: "
                                     f"pip install 'setuptools<81')") from e
+        except OSError as e:  # e.g. a Hugging Face hub file, with the hub offline
+            raise MetricUnavailable(f"metric '{name}' is unavailable: it needs a file this folder cannot provide "
+                                    f'offline ({type(e).__name__}: {str(e).strip()[:300]})') from e
         metric.eval()
         _CACHE[key] = metric
         return metric
+
+
+def pyiqa_info(name):
+    """(no_reference, lower_better) of a pyiqa metric from pyiqa's table; (None, None) if pyiqa lacks it."""
+    if name in WEIGHT_FILES:
+        return name in NO_REFERENCE, name == 'lpips'
+    try:
+        from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    except ImportError:
+        return None, None
+    cfg = DEFAULT_CONFIGS.get(name)
+    if cfg is None:
+        return None, None
+    return cfg.get('metric_mode') == 'NR', bool(cfg.get('lower_better', False))
 
 
 def _to_tensor(img, crop_border, input_order):

@@ -22,7 +22,7 @@ import os.path as osp
 from basicsr.metrics import calculate_metric
 from basicsr.utils.registry import METRIC_REGISTRY
 
-from patchscaler.metrics.iqa import NO_REFERENCE, MetricUnavailable
+from patchscaler.metrics.iqa import MetricUnavailable, pyiqa_info
 
 #: BasicSR / PatchScaler metric types scored without a reference image
 NO_REFERENCE_TYPES = {'calculate_niqe', 'calculate_maniqa', 'calculate_clipiqa', 'calculate_musiq'}
@@ -34,13 +34,18 @@ def needs_reference(metric_opt):
     """Whether a ``val.metrics`` entry needs the HR image."""
     kind = metric_opt['type']
     if kind == 'calculate_pyiqa':
-        return metric_opt.get('metric') not in NO_REFERENCE
+        no_reference = pyiqa_info(metric_opt.get('metric'))[0]
+        return not no_reference
     return not (kind in NO_REFERENCE_TYPES or getattr(METRIC_REGISTRY.get(kind), 'no_reference', False))
 
 
 def better(metric_opt):
     """'higher' or 'lower': the option's ``better``, else the metric's known direction."""
-    return metric_opt.get('better') or ('lower' if metric_opt['type'] in LOWER_IS_BETTER else 'higher')
+    if metric_opt.get('better'):
+        return metric_opt['better']
+    if metric_opt['type'] == 'calculate_pyiqa':
+        return 'lower' if pyiqa_info(metric_opt.get('metric'))[1] else 'higher'
+    return 'lower' if metric_opt['type'] in LOWER_IS_BETTER else 'higher'
 
 
 class MetricTable:

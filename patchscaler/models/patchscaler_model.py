@@ -278,7 +278,7 @@ class PatchScalerModel(BaseModel):
             self.get_bare_model(self.net_g) if self.net_g is not None else None)
         return PatchScalerPipeline(self.autoencoder, self.get_bare_model(self.net_grm), self.scale, denoiser,
                                    self.sampler, self.rtm, color_fix=self.color_fix, tile=self.tile,
-                                   tile_overlap=self.tile_overlap, **speed_options(self.opt, devices=False))
+                                   tile_overlap=self.tile_overlap, **speed_options(self.opt, model=True))
 
     @torch.no_grad()
     def test(self):

@@ -30,6 +30,8 @@ Used by :class:`PatchScalerModel` for validation/testing and by ``tools/infer.py
 * The wavelet color fix (section 4.1) applies to the diffusion output only: it corrects the colour drift
   of sampling; the GRM's regression output (``refine=False``, or no Patch-DiT) is returned as decoded.
 """
+import contextlib
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -50,6 +52,8 @@ AUTOCAST = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.fl
 def autocast_dtype(name):
     if name in (None, False, 'none', 'fp32'):
         return None
+    if name in AUTOCAST.values():  # already a dtype
+        return name
     if name not in AUTOCAST:
         raise ConfigError(f"autocast must be one of {sorted(AUTOCAST)} or none, got {name!r}")
     return AUTOCAST[name]
@@ -105,16 +109,18 @@ class PromptedPatchDiT(nn.Module):
         return self.dit(x_t, t, cond['y0'], cond.get('prompt'), cond.get('prompt_bias'))
 
 
-def make_prompt_fn(denoiser, rtm, top_k=None, home=None):
+def make_prompt_fn(denoiser, rtm, top_k=None, home=None, lock=None):
     """PGS ``prepare_cond``: retrieve the top-K priors for a batch of y0 patches and encode the prompt. With
     group-parallel devices the batch may sit on another device than the RTM (``home``): retrieval runs at home
-    and the prompt is encoded by that device's copy of the denoiser (PGS passes it)."""
+    and the prompt is encoded by that device's copy of the denoiser (PGS passes it); ``lock`` serialises the
+    retrieval of the devices' threads (a faiss GPU index must not be searched concurrently)."""
     if rtm is None or getattr(denoiser, 'texture_encoder', None) is None:
         return None
 
     def prepare(cond, denoiser=denoiser):
         y0 = cond['y0']
-        priors, sims = rtm.query(y0 if home is None else y0.to(home), top_k)
+        with lock or contextlib.nullcontext():
+            priors, sims = rtm.query(y0 if home is None else y0.to(home), top_k)
         return {**cond, **denoiser.encode_prompt(priors.to(y0.device), sims.to(y0.device))}
     return prepare
 
@@ -165,14 +171,20 @@ class PatchScalerPipeline:
         if tile is not None and not 0 <= int(tile_overlap) <= int(tile) - d:
             raise ConfigError(f'tile_overlap must be in [0, tile - {d}] = [0, {int(tile) - d}], got {tile_overlap}')
         self.tile, self.tile_overlap = (int(tile) if tile else None), int(tile_overlap)
+        if autoencoder_autocast and self.autocast is None:
+            raise ConfigError('autoencoder_autocast needs autocast (bf16 or fp16): it runs the autoencoder in it')
         self.autoencoder_autocast, self.fp32_fallbacks = bool(autoencoder_autocast), 0
         if channels_last:
             for net in (autoencoder, grm):
                 if isinstance(net, torch.nn.Module):
                     net.to(memory_format=torch.channels_last)
-        self.denoisers = None
+        self.denoisers, self._retrieval_lock = None, threading.Lock()
+        devices = devices or (sampler.devices if sampler is not None else None)
         if devices:
             self.set_devices(devices)
+        if compile and self.denoisers:  # the devices' first calls would compile at once, in threads
+            raise ConfigError('compile and group-parallel devices together are not supported: torch.compile is not '
+                              'thread-safe; use one of them')
         if compile:
             kwargs = {} if compile is True else dict(compile)
             for net in [grm, *(self.denoisers or [denoiser])]:
@@ -285,8 +297,8 @@ class PatchScalerPipeline:
             def run_pgs():
                 with self._autocast():
                     return self.sampler.sample(self.denoisers or self.denoiser, y_hr, confidence, cond=cond,
-                                               prepare_cond=make_prompt_fn(self.denoiser, self.rtm, self.top_k,
-                                                                           dev if self.denoisers else None),
+                                               prepare_cond=make_prompt_fn(self.denoiser, self.rtm, self.top_k, dev,
+                                                                           self._retrieval_lock),
                                                seed=seed)
             x_hr, report = timed('pgs', run_pgs)
             x_hr = x_hr.float()
@@ -307,11 +319,19 @@ SPEED_OPTIONS = {'autocast': 'autocast', 'autoencoder_autocast': 'autoencoder_au
                  'channels_last': 'channels_last', 'compile': 'compile', 'pgs_devices': 'devices'}
 
 
-def speed_options(opt, devices=True):
-    """The pipeline's speed arguments from a parsed option file (``pgs_devices`` only with ``devices``)."""
-    out = {arg: opt[key] for key, arg in SPEED_OPTIONS.items() if opt.get(key) is not None}
-    if not devices:
-        out.pop('devices', None)
+def speed_options(opt, model=False):
+    """The pipeline's speed arguments from a parsed option file. ``model``: for PatchScalerModel / StableSRModel
+    (tools/train.py and tools/test.py), which run on one device and whose networks are the training networks:
+    ``pgs_devices`` is refused there (tools/infer.py and the benchmark take it), and so are ``compile`` and
+    ``channels_last`` in a training file (they would change the networks being trained, in place)."""
+    out = {arg: opt[key] for key, arg in SPEED_OPTIONS.items() if opt.get(key) not in (None, False)}
+    refused = ['pgs_devices'] if model else []
+    if model and opt.get('is_train'):
+        refused += ['compile', 'channels_last']
+    for key in refused:
+        if opt.get(key) not in (None, False):
+            raise ConfigError(f'{key} is an inference option (tools/infer.py, tools/benchmark.py'
+                              f'{"" if key == "pgs_devices" else ", test files"}); remove it from this file')
     return out
 
 

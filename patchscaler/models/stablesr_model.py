@@ -148,7 +148,7 @@ class StableSRModel(PatchScalerModel):
         denoiser = self.net_g_ema if self.net_g_ema is not None else self.get_bare_model(self.net_g)
         return PatchScalerPipeline(self.autoencoder, self.net_grm, self.scale, denoiser, self.sampler,
                                    color_fix=self.color_fix, tile=self.tile, tile_overlap=self.tile_overlap,
-                                   **speed_options(self.opt, devices=False))
+                                   **speed_options(self.opt, model=True))
 
     def save(self, epoch, current_iter):
         net = self.get_bare_model(self.net_g)
