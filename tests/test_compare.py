@@ -81,6 +81,8 @@ def comparison(tmp_path):
     for o in (esr, sr, pgs):
         o.pop('datasets')
     opt = _load('compare_x4.yml')
+    # a learned metric without its weights: noted once per model, the others scored
+    opt['metrics']['musiq'] = {'type': 'calculate_musiq', 'weights_dir': str(tmp_path / 'no_weights')}
     opt.update(name='cmp', crop=24, dataset=dict(opt['dataset'], dataroot_lq=str(tmp_path / 'data' / 'LR'),
                                                  dataroot_gt=str(tmp_path / 'data' / 'HR')),
                qmap_model='StableSR+PGS', models=[
@@ -104,6 +106,7 @@ def test_compare_writes_table_plot_and_offline_page(comparison, tmp_path):
         assert 'broken' in r['reason']  # the unreadable pair is named, the good ones are scored
         # NIQE cannot score 64×48 (nor the flat output of a random-init GAN): named; PSNR/SSIM score both
         assert 'niqe not computable on' in r['reason'] and 'img1 (' in r['reason'].split('niqe')[1]
+        assert 'musiq unavailable: missing musiq_koniq_ckpt-e95806b9.pth' in r['reason'] and r['musiq'] is None
         assert 0 < r['psnr'] < 60 and 0 < r['ssim'] <= 1 and r['seconds_per_image'] > 0
         assert r['peak_memory_mb'] > 50  # process RSS on CPU
     # PSNR is the same code on the same images: recompute the bicubic one from its saved files

@@ -53,6 +53,8 @@ def summarise(record, metric_names):
         bad = [im['image'] for im in record.get('images', []) if 'error' in im]
         if bad:
             notes.append(f'{len(bad)} unreadable image(s) skipped: {", ".join(bad)}')
+        for m, why in (record.get('unavailable') or {}).items():
+            notes.append(f'{m} unavailable: {why}')
         for m in metric_names:
             missing = [im['image'] for im in ok if m in im.get('metric_errors', {})]
             if missing:

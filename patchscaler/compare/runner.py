@@ -85,6 +85,7 @@ def run_model(job):
     from basicsr.models import build_model
     from basicsr.utils import set_random_seed, tensor2img
 
+    from patchscaler.metrics import MetricUnavailable
     from patchscaler.utils.visualize import qmap_overlay
 
     out, device = job['out'], job['device']
@@ -104,7 +105,7 @@ def run_model(job):
         model = build_model(opt)
     dataset = build_dataset(dict(job['dataset'], phase='test', scale=int(job['scale'])))
     count = len(dataset) if not job.get('max_images') else min(len(dataset), int(job['max_images']))
-    images, warm = [], 0
+    images, warm, unavailable = [], 0, {}
     from tqdm import tqdm
     for i in tqdm(range(count), desc=job['name'], unit='img', file=sys.stderr):
         item = dataset[i]
@@ -131,8 +132,12 @@ def run_model(job):
             cv2.imwrite(osp.join(job['hr_out'], f'{name}.png'), gt)
         entry['metrics'], entry['metric_errors'] = {}, {}
         for m, mo in (job.get('metrics') or {}).items():
+            if m in unavailable:
+                continue
             try:  # one metric that cannot score this image (NIQE below 96 px) does not drop the others
                 entry['metrics'][m] = float(calculate_metric({'img': sr, 'img2': gt}, dict(mo)))
+            except MetricUnavailable as e:  # missing weight files: noted once for the model, not per image
+                unavailable[m] = e.short
             except Exception as e:  # noqa: BLE001
                 entry['metric_errors'][m] = f'{type(e).__name__}: {str(e).strip()[:200]}'
         report = getattr(model, 'report', None)
@@ -146,7 +151,8 @@ def run_model(job):
                         qmap_overlay(sr, report.qmap[0], report.groups[0], report.grid, sampler.group_names))
         images.append(entry)
     record = {'name': job['name'], 'status': 'ok', 'opt': job['opt'], 'device': str(device),
-              'model_type': opt['model_type'], 'images': images, 'peak_memory_mb': _peak_memory_mb(device),
+              'model_type': opt['model_type'], 'images': images, 'unavailable': unavailable,
+              'peak_memory_mb': _peak_memory_mb(device),
               'peak_memory_kind': 'cuda_allocated' if torch.device(device).type == 'cuda' else 'process_rss'}
     if getattr(model, 'sampler', None) is not None and getattr(model, 'net_g', None) is not None \
             and hasattr(model.sampler, 'groups'):

@@ -7,7 +7,7 @@ working directory). Files keep the names pyiqa downloads them under (:data:`WEIG
 metric is built, pyiqa's download function, CLIP's and torchvision's weight loaders are pointed at that
 folder; a file that is not there raises :class:`MetricUnavailable` naming it, a stray download attempt raises
 too, and the Hugging Face hub is set offline. Validation and ``tools/test.py`` report such a metric as
-unavailable and go on; ``tools/compare.py`` notes the message per image. Metrics are built under a lock, but
+unavailable and go on; ``tools/compare.py`` notes it once per model. Metrics are built under a lock, but
 the redirection is process-wide while one is built: build them from the main thread.
 
 Choices (the paper names the metrics, not their settings; these are pyiqa's defaults, which ResShift,
