@@ -23,15 +23,15 @@ LR (128x128): ``--degradation resshift`` (default) is ResShift's ``configs/degra
 (``RealESRGANKernels`` draws the kernels, ``RealESRGANDegradation`` applies them), on the CPU in float32:
 
     1. blur: sinc with p 0.1 (omega_c ~ U[pi/3, pi], U[pi/5, pi] for sizes >= 13), else iso (p 0.6) or aniso
-       (p 0.4) Gaussian, sigma ~ U[0.2, 0.8] per axis, angle ~ U[-pi, pi]; odd size ~ U{7..21}
+       (p 0.4) Gaussian, sigma ~ U[0.2, 0.8] per axis, angle ~ U[-pi, pi]; odd size ~ U{3..11}
     2. resize: up x U[1, 1.5] (p 0.2), down x U[0.5, 1] (p 0.7) or keep (p 0.1); area/bilinear/bicubic
     3. noise: Gaussian sigma ~ U[1, 15]/255 (p 0.5) or Poisson scale ~ U[0.05, 0.3]; gray noise with p 0.4
     4. JPEG, quality ~ U[70, 95]
     5. no second stage (ResShift: second_order_prob 0): resize to 128x128 only (area/bilinear/bicubic)
-    6. in random order (p 0.5): [final sinc filter with p 0.2, omega_c ~ U[pi/3, pi]] then JPEG quality
+    6. in random order (p 0.5): [final sinc filter with p 0.2, omega_c ~ U[pi/3, pi], size ~ U{3, 5}] then JPEG quality
        ~ U[80, 99], or JPEG then the sinc filter; round to 8 bit
-Where this differs from ResShift's script (the shared pieces cannot express it): kernel sizes are Real-ESRGAN's
-7..21 (ResShift's test config: 3..11, final sinc 3..5); the JPEG bound is 99 (DiffJPEG divides by zero at 100);
+Where this differs from ResShift's script (the shared pieces cannot express it): the JPEG bound is 99 (DiffJPEG
+divides by zero at 100);
 in the JPEG-first order the last JPEG runs at 128x128 (ResShift: at the stage-one size). ``--degradation
 realesrgan`` is instead the training degradation (Real-ESRGAN second order, the kernel and ``degradation``
 options of ``options/train_patchscaler.yml``). Each image is degraded with Python, numpy and torch seeded by
@@ -73,7 +73,9 @@ RESSHIFT_KERNELS = dict(
     kernel_list=_GAUSSIANS, kernel_prob=[0.6, 0.4, 0, 0, 0, 0], sinc_prob=0.1, blur_sigma=[0.2, 0.8],
     betag_range=[1.0, 1.5], betap_range=[1, 1.2],
     kernel_list2=_GAUSSIANS, kernel_prob2=[0.6, 0.4, 0, 0, 0, 0], sinc_prob2=0.0, blur_sigma2=[0.2, 0.5],
-    betag_range2=[0.5, 0.8], betap_range2=[1, 1.2], final_sinc_prob=0.2)
+    betag_range2=[0.5, 0.8], betap_range2=[1, 1.2], final_sinc_prob=0.2,
+    # ResShift: blur_kernel_size 13 / blur_kernel_size2 7 -> sizes range(3, 13, 2) and range(3, 7, 2)
+    kernel_range=[3, 11], kernel_range2=[3, 5], final_sinc_range=[3, 5])
 #: ... and in RealESRGANDegradation's: stage two is switched off (no blur, a plain resize to LR size, zero noise).
 RESSHIFT_DEGRADATION = dict(
     resize_prob=[0.2, 0.7, 0.1], resize_range=[0.5, 1.5], gaussian_noise_prob=0.5, noise_range=[1, 15],

@@ -572,3 +572,32 @@ def test_separable_usm_matches_basicsr():
     assert ours.shape == ref.shape
     assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
     assert not torch.allclose(ours, img, atol=1e-3)  # it does sharpen
+
+
+def test_kernel_size_ranges_follow_the_options():
+    """kernel_range / kernel_range2 / final_sinc_range bound each stage's kernel support (ResShift's test degradation:
+    3..11 and 3..5); Real-ESRGAN's 7..21 by default; every kernel still comes padded to 21×21."""
+    import random
+
+    from patchscaler.data.realesrgan_hr_dataset import RealESRGANKernels
+    from patchscaler.utils.errors import ConfigError
+    gauss = ['iso', 'aniso', 'generalized_iso', 'generalized_aniso', 'plateau_iso', 'plateau_aniso']
+    base = dict(kernel_list=gauss, kernel_prob=[0.6, 0.4, 0, 0, 0, 0], sinc_prob=0.5, blur_sigma=[2.0, 3.0],
+                betag_range=[1, 1.5], betap_range=[1, 1.2], final_sinc_prob=1.0)
+    base.update({k + '2': v for k, v in base.items() if k != 'final_sinc_prob'})
+
+    def support(k):
+        rows = (k.abs() > 0).any(1).nonzero()
+        return int(rows.max() - rows.min() + 1)
+    random.seed(0)
+    np.random.seed(0)
+    small = RealESRGANKernels(dict(base, kernel_range=[3, 11], kernel_range2=[3, 5], final_sinc_range=[3, 5]))
+    default = RealESRGANKernels(base)
+    draws = [small.sample() for _ in range(40)]
+    assert all(d['kernel1'].shape == (21, 21) for d in draws)
+    assert max(support(d['kernel1']) for d in draws) <= 11 and max(support(d['kernel2']) for d in draws) <= 5
+    assert max(support(d['sinc_kernel']) for d in draws) <= 5
+    assert max(support(default.sample()['kernel1']) for _ in range(40)) > 11
+    for bad in ([4, 11], [3, 23], [11, 3], 'big'):
+        with pytest.raises(ConfigError, match='kernel_range'):
+            RealESRGANKernels(dict(base, kernel_range=bad))

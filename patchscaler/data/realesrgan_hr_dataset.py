@@ -21,29 +21,45 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
 from patchscaler.data.image_io import ImageSource
-from patchscaler.utils.errors import DataError
+from patchscaler.utils.errors import ConfigError, DataError
 
 KERNEL_SIZE = 21  # every kernel is padded to 21x21, as in Real-ESRGAN
 KERNEL_RANGE = [2 * v + 1 for v in range(3, 11)]  # 7 ... 21
+
+
+def _kernel_sizes(bounds, name):
+    """[lo, hi] -> the odd sizes lo, lo + 2, ..., hi (Real-ESRGAN's 7 ... 21 when not given)."""
+    if bounds is None:
+        return KERNEL_RANGE
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or any(int(b) != b or b % 2 == 0 for b in bounds) \
+            or not 3 <= bounds[0] <= bounds[1] <= KERNEL_SIZE:
+        raise ConfigError(f'{name} must be [smallest, largest] odd kernel sizes within [3, {KERNEL_SIZE}], '
+                          f'got {bounds!r}')
+    return list(range(int(bounds[0]), int(bounds[1]) + 1, 2))
 
 
 class RealESRGANKernels:
     """Real-ESRGAN's random blur kernels for one image: ``sample() -> {kernel1, kernel2, sinc_kernel}``.
 
     Options (Real-ESRGAN's names): kernel_list, kernel_prob, blur_sigma, betag_range, betap_range, sinc_prob,
-    the same with suffix 2, and final_sinc_prob. Uses Python's and numpy's global random state, like
-    BasicSR, so seeding those makes a draw reproducible.
+    the same with suffix 2, and final_sinc_prob. ``kernel_range``, ``kernel_range2``, ``final_sinc_range``:
+    [smallest, largest] odd kernel size of each stage, default [7, 21] (Real-ESRGAN's, hard-coded there);
+    ResShift's test degradation uses [3, 11] and [3, 5]. Kernels are zero-padded to 21×21 either way, which
+    does not change the filtering. Uses Python's and numpy's global random state, like BasicSR, so seeding those
+    makes a draw reproducible.
     """
 
     def __init__(self, opt):
         self.opt = opt
+        self.sizes = {key: _kernel_sizes(opt.get(key), key) for key in ('kernel_range', 'kernel_range2',
+                                                                         'final_sinc_range')}
         self.pulse_tensor = torch.zeros(KERNEL_SIZE, KERNEL_SIZE)
         self.pulse_tensor[KERNEL_SIZE // 2, KERNEL_SIZE // 2] = 1  # identity kernel
 
     def _kernel(self, suffix):
         """A blur kernel of stage ``suffix`` ('' or '2'): sinc with prob sinc_prob, else a mixed Gaussian."""
         o = self.opt
-        size = random.choice(KERNEL_RANGE)
+        size = random.choice(self.sizes['kernel_range' + suffix])
         if np.random.uniform() < o['sinc_prob' + suffix]:
             omega_c = np.random.uniform(np.pi / 3, np.pi) if size < 13 else np.random.uniform(np.pi / 5, np.pi)
             kernel = circular_lowpass_kernel(omega_c, size, pad_to=False)
@@ -57,7 +73,7 @@ class RealESRGANKernels:
 
     def _final_sinc(self):
         if np.random.uniform() < self.opt['final_sinc_prob']:
-            size = random.choice(KERNEL_RANGE)
+            size = random.choice(self.sizes['final_sinc_range'])
             omega_c = np.random.uniform(np.pi / 3, np.pi)
             return torch.FloatTensor(circular_lowpass_kernel(omega_c, size, pad_to=KERNEL_SIZE))
         return self.pulse_tensor
@@ -81,7 +97,8 @@ class RealESRGANHRDataset(data.Dataset):
         'name', 'type', 'phase', 'scale', 'dataroot_gt', 'meta_info', 'io_backend', 'crop_pad_size', 'use_hflip',
         'use_rot', 'blur_kernel_size', 'kernel_list', 'kernel_prob', 'blur_sigma', 'betag_range', 'betap_range',
         'sinc_prob', 'blur_kernel_size2', 'kernel_list2', 'kernel_prob2', 'blur_sigma2', 'betag_range2',
-        'betap_range2', 'sinc_prob2', 'final_sinc_prob', 'max_skips', 'gt_size', 'use_shuffle',
+        'betap_range2', 'sinc_prob2', 'final_sinc_prob', 'kernel_range', 'kernel_range2', 'final_sinc_range',
+        'max_skips', 'gt_size', 'use_shuffle',
         'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode', 'pin_memory',
         'persistent_workers', 'num_prefetch_queue'}
 
