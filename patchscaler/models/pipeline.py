@@ -223,7 +223,14 @@ class PatchScalerPipeline:
         return max(1, -(-2 * self.autoencoder.downscale_factor // self.scale))
 
     def _autocast(self):
-        return autocast(self.device, self.autocast)
+        """Autocast on the pipeline's device and, with group-parallel devices, on theirs (PGS's threads take the
+        caller's autocast state per device type)."""
+        types = {self.device.type} | {d.type for d in (self.sampler.devices or [])} if self.denoisers else \
+            {self.device.type}
+        stack = contextlib.ExitStack()
+        for t in sorted(types):
+            stack.enter_context(autocast(t, self.autocast))
+        return stack
 
     def encode(self, images):
         def run(x):
