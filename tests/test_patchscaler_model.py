@@ -50,6 +50,37 @@ def test_full_stage_trains_grm_then_freezes_it_and_dit_throughout(tiny_patchscal
         assert all(torch.isfinite(torch.tensor(v)) for v in log.values())
 
 
+def test_non_finite_steps_are_skipped_then_training_stops(tiny_patchscaler, tmp_path, caplog):
+    """A NaN loss skips the step: GRM, Patch-DiT, the optimizers' state and the EMA stay as they were; a finite
+    step afterwards trains again; train.max_nonfinite_steps NaN steps in a row stop training with one error."""
+    from patchscaler.utils.errors import TrainingError
+    opt, _ = tiny_patchscaler
+    opt = dict(opt, train=dict(opt['train'], max_nonfinite_steps=2, grm_iters=10))
+    torch.manual_seed(0)
+    model = _model(opt, tmp_path)
+    confidence_loss, x0_loss = model.cri_confidence, model.cri_x0
+    model.cri_confidence = lambda *a: confidence_loss(*a) * float('nan')
+    model.cri_x0 = lambda *a: x0_loss(*a) * float('nan')
+    nets = (model.net_grm, model.net_g, model.net_g_ema)
+    before = [_params(n) for n in nets]
+    model.feed_data(_batch(1))
+    model.optimize_parameters(1)
+    assert all(not _changed(b, n) for b, n in zip(before, nets))  # no NaN written anywhere
+    assert all(torch.isfinite(p).all() for n in nets for p in n.state_dict().values())
+    assert not model.optimizer_grm.state and not model.optimizer_g.state  # Adam never stepped
+    assert 'GRM: non-finite loss or gradient' in caplog.text and 'denoiser: non-finite' in caplog.text
+    model.cri_confidence, model.cri_x0 = confidence_loss, x0_loss  # finite again: training goes on
+    model.feed_data(_batch(2))
+    model.optimize_parameters(2)
+    assert all(_changed(b, n) for b, n in zip(before, nets)) and model.nonfinite_run == {'GRM': 0, 'denoiser': 0}
+    model.cri_confidence = lambda *a: confidence_loss(*a) * float('inf')
+    model.optimize_parameters(3)
+    with pytest.raises(TrainingError, match='GRM: 2 non-finite steps in a row'):
+        model.optimize_parameters(4)
+    with pytest.raises(ConfigError, match='max_nonfinite_steps'):
+        _model(dict(opt, train=dict(opt['train'], max_nonfinite_steps=0)), tmp_path / 'bad')
+
+
 def test_training_noise_follows_eq4_with_the_samplers_schedule(tiny_patchscaler, tmp_path, monkeypatch):
     """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 - ᾱ_t)·ε with ᾱ of DiT's linear betas, the same table PGS samples with."""
     opt, _ = tiny_patchscaler

@@ -59,7 +59,7 @@ from patchscaler.models.validation import (
 )
 from patchscaler.sampling.schedules import q_sample, to_x0_eps
 from patchscaler.utils.checkpoint import load_weights
-from patchscaler.utils.errors import ConfigError, InputError
+from patchscaler.utils.errors import ConfigError, InputError, TrainingError
 
 STAGES = ('grm', 'full')
 X0_FRACTIONS = (0.05, 0.25, 0.5, 0.8)  # where validation measures the x0-prediction loss, as fractions of T
@@ -89,7 +89,8 @@ class PatchScalerModel(BaseModel):
     REQUIRED_OPTION_KEYS = ('scale', 'autoencoder', 'network_grm')
     method_name = 'PatchScaler (PGS)'  # the label of the final SR in the validation strips
     TRAIN_OPTION_KEYS = {'stage', 'total_iter', 'warmup_iter', 'optim_grm', 'optim_g', 'scheduler', 'confidence_opt',
-                         'x0_opt', 'grad_clip', 'gt_size', 'grm_iters', 'patches_per_image', 'ema_decay', 'autocast'}
+                         'x0_opt', 'grad_clip', 'gt_size', 'grm_iters', 'patches_per_image', 'ema_decay', 'autocast',
+                         'max_nonfinite_steps'}
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -167,6 +168,9 @@ class PatchScalerModel(BaseModel):
         """What every diffusion model here reads the same way: gradient clipping, HR crop, autocast (bf16 only:
         there is no loss scaling) and the Real-ESRGAN degradation of the training batches."""
         self.grad_clip = train_opt.get('grad_clip')
+        self.max_nonfinite_steps, self.nonfinite_run = int(train_opt.get('max_nonfinite_steps', 10)), {}
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f'train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}')
         self.gt_size = train_opt.get('gt_size')
         self.autocast = autocast_dtype(train_opt.get('autocast'))
         if self.autocast == torch.float16:
@@ -183,13 +187,32 @@ class PatchScalerModel(BaseModel):
         if self.patches_per_image < 1:
             raise ConfigError(f'train.patches_per_image must be >= 1, got {self.patches_per_image}')
 
-    def _step_denoiser(self, loss):
-        """Backward, clip, step the denoiser's optimizer, then its EMA."""
+    def _step(self, loss, net, optimizer, name):
+        """Backward, clip, step; False (nothing changed) when the gradients are not finite.
+
+        A NaN/inf loss or gradient skips the step with a warning, so no NaN reaches the weights, the EMA or a
+        checkpoint; ``train.max_nonfinite_steps`` (default 10) skipped steps in a row stop training with an error.
+        The decision is taken on the gradients after backward, which DDP has already averaged: every rank
+        skips the same steps."""
         loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
-        self.optimizer_g.step()
-        if self.net_g_ema is not None:
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip or float('inf'))
+        if torch.isfinite(norm):
+            optimizer.step()
+            self.nonfinite_run[name] = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        run = self.nonfinite_run[name] = self.nonfinite_run.get(name, 0) + 1
+        get_root_logger().warning(f'{name}: non-finite loss or gradient (loss {float(loss.detach()):.4g}, gradient '
+                                  f'norm {float(norm):.4g}); step skipped ({run} in a row)')
+        if run >= self.max_nonfinite_steps:
+            raise TrainingError(f'{name}: {run} non-finite steps in a row; training stopped before NaN reached the '
+                                f'weights (the last checkpoint is intact). Lower the learning rate, set '
+                                f'train.grad_clip, or check the data; train.max_nonfinite_steps sets the limit')
+        return False
+
+    def _step_denoiser(self, loss):
+        """Backward, clip, step the denoiser's optimizer, then its EMA (all skipped on a non-finite step)."""
+        if self._step(loss, self.net_g, self.optimizer_g, 'denoiser') and self.net_g_ema is not None:
             self.model_ema(self.ema_decay)
 
     def _init_diffusion_training(self, train_opt):
@@ -236,10 +259,7 @@ class PatchScalerModel(BaseModel):
                 y_hr, confidence = self.net_grm(y_lr)
             y_hr, confidence = y_hr.float(), confidence.float()
             l_conf = self.cri_confidence(y_hr, x_hr, confidence)
-            l_conf.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.net_grm.parameters(), self.grad_clip)
-            self.optimizer_grm.step()
+            self._step(l_conf, self.net_grm, self.optimizer_grm, 'GRM')
             log.update(l_conf=l_conf.detach(), l1_latent=(y_hr - x_hr).abs().mean().detach(),
                        mean_confidence=confidence.mean().detach())
             y0 = y_hr.detach()

@@ -63,7 +63,7 @@ class StableSRModel(PatchScalerModel):
 
     REQUIRED_OPTION_KEYS = ('scale', 'autoencoder', 'network_g')
     TRAIN_OPTION_KEYS = {'total_iter', 'warmup_iter', 'optim_g', 'scheduler', 'pixel_opt', 'grad_clip', 'gt_size',
-                         'patches_per_image', 'ema_decay', 'autocast', 'freeze_unet'}
+                         'patches_per_image', 'ema_decay', 'autocast', 'freeze_unet', 'max_nonfinite_steps'}
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)  # not PatchScalerModel's: that one builds PatchScaler's networks

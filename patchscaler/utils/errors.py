@@ -27,3 +27,7 @@ class DataError(PatchScalerError, OSError):
 
 class InputError(PatchScalerError, ValueError):
     """An input tensor has the wrong shape, range or dtype, or holds NaN (e.g. a confidence map for PGS)."""
+
+
+class TrainingError(PatchScalerError, RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN/inf for many steps in a row); the checkpoints are intact."""
