@@ -182,3 +182,28 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE(os.stat(tmp_path / 'net.pth').st_mode) == 0o644
+
+
+def test_a_trusted_old_checkpoint_can_be_converted(tmp_path):
+    """The refusal names the way out: ``python -m patchscaler.utils.checkpoint --trust OLD NEW`` keeps tensors and
+    plain values (numpy ones converted, a scheduler's Counter kept), drops the rest by name, and the result loads
+    with weights_only=True."""
+    import collections
+    import subprocess
+    import sys
+
+    import numpy as np
+    old, new = tmp_path / 'old.pth', tmp_path / 'new.pth'
+    torch.save({'params': {'w': torch.ones(2)}, 'iter': np.int64(7), 'mean': np.zeros(3, np.float32),
+                'milestones': collections.Counter({10: 1}), 'extra': CustomThing(3)}, str(old))
+    with pytest.raises(CheckpointError, match=f'--trust {old}'):
+        safe_torch_load(str(old))
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run([sys.executable, '-m', 'patchscaler.utils.checkpoint', '--trust', str(old), str(new)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped (not tensors or plain values): checkpoint['extra'] (CustomThing)" in proc.stdout
+    state = safe_torch_load(str(new))
+    assert torch.equal(state['params']['w'], torch.ones(2)) and state['iter'] == 7 and state['extra'] is None
+    assert torch.equal(state['mean'], torch.zeros(3)) and isinstance(state['milestones'], collections.Counter)

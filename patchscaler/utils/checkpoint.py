@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes and loads that refuse arbitrary unpickling."""
+import collections
 import contextlib
 import os
 import pickle
@@ -81,7 +82,8 @@ def explain_load_errors(path):
         first = next((ln.strip() for ln in str(e).splitlines() if 'unsupported' in ln.lower()), 'see torch.load')
         raise CheckpointError(
             f'{path} needs arbitrary unpickling to load ({first}); PatchScaler loads checkpoints with '
-            'weights_only=True only. Re-save it as a plain state_dict of tensors.') from None
+            'weights_only=True only. If it is your own file and you trust it: python -m patchscaler.utils.checkpoint '
+            f'--trust {path} <new.pth> re-saves its tensors and plain values') from None
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f'{path} is not a torch checkpoint or is truncated ({type(e).__name__})') from None
     except RuntimeError as e:
@@ -126,3 +128,60 @@ def load_weights(net, path, param_key='params', strict=True, where='network'):
                               f'configuration; use the option file it was trained with')
     net.load_state_dict(state, strict=strict)
     return net
+
+
+def _plain(obj, where, dropped):
+    """``obj`` with only what ``weights_only=True`` loads (tensors, numbers, strings, containers of them)."""
+    if torch.is_tensor(obj) or obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    if isinstance(obj, dict):  # OrderedDict and Counter (schedulers' milestones) keep their type: both load
+        kind = type(obj) if type(obj) in (dict, collections.OrderedDict, collections.Counter) else dict
+        return kind({k: _plain(v, f'{where}[{k!r}]', dropped) for k, v in obj.items()
+                     if isinstance(k, (str, int, float, bool)) or dropped.append(f'{where}[{k!r}] (key)')})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v, f'{where}[{i}]', dropped) for i, v in enumerate(obj))
+    if hasattr(obj, 'item') and getattr(obj, 'shape', None) == ():  # numpy scalars
+        return obj.item()
+    if hasattr(obj, '__array__'):  # numpy arrays
+        import numpy as np
+        return torch.from_numpy(np.asarray(obj))
+    dropped.append(f'{where} ({type(obj).__name__})')
+    return None
+
+
+def convert_untrusted(src, dst):
+    """Load ``src`` with full unpickling (only for a file you trust), keep tensors and plain values, write ``dst``
+    atomically and check that it loads with ``weights_only=True``. Returns what was dropped."""
+    if not os.path.isfile(src):
+        raise CheckpointError(f'checkpoint not found: {src}')
+    try:
+        obj = torch.load(src, map_location='cpu', weights_only=False)
+    except (ImportError, AttributeError) as e:  # a class of the code that wrote it is not importable here
+        raise CheckpointError(f'{src} cannot be unpickled here ({type(e).__name__}: {e}); run this where the '
+                              f'code that wrote it is importable') from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f'{src} is not a torch checkpoint or is truncated ({type(e).__name__})') from None
+    dropped = []
+    atomic_save(_plain(obj, 'checkpoint', dropped), dst)
+    safe_torch_load(dst)
+    return dropped
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description='Re-save a checkpoint that needs arbitrary unpickling as tensors and '
+                                'plain values, so PatchScaler (weights_only=True) can load it. Unpickling runs code '
+                                'from the file: only for files you trust.')
+    p.add_argument('--trust', required=True, metavar='OLD', help='the checkpoint to convert (you trust it)')
+    p.add_argument('new', help='where to write the converted checkpoint')
+    args = p.parse_args(argv)
+    try:
+        dropped = convert_untrusted(args.trust, args.new)
+    except CheckpointError as e:
+        raise SystemExit(f'error: {e}') from None
+    note = f'; dropped (not tensors or plain values): {", ".join(dropped)}' if dropped else ''
+    print(f'wrote {args.new}{note}')
+
+
+if __name__ == '__main__':
+    main()
