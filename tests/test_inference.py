@@ -228,3 +228,47 @@ def test_infer_cli_on_two_devices(trained, tmp_path):
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     a, b = cv2.imread(str(tmp_path / 'one' / 'a.png')), cv2.imread(str(tmp_path / 'two' / 'a.png'))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------------- bad inputs, whole tool
+def test_more_kinds_of_image_through_the_tool(trained, tmp_path):
+    """Palette PNG, EXIF-rotated JPEG, very wide and very tall strips, sides that are multiples of neither the
+    autoencoder's factor nor the patch size: each comes out at exactly ×4 of its displayed size, in its format."""
+    import io
+
+    from PIL import Image
+    opt_path, _ = trained
+    src = tmp_path / 'in'
+    src.mkdir()
+    Image.fromarray(random_bgr(9, 13, seed=1)[..., 0] % 7, mode='P').save(src / 'palette.png')
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :4] = 255  # a white left band
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90° clockwise: 20 tall, 10 wide, the band on top
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, 'JPEG', exif=exif.tobytes(), quality=95)
+    (src / 'exif.jpg').write_bytes(buf.getvalue())
+    write_png(src / 'wide.png', random_bgr(3, 97, seed=2))
+    write_png(src / 'tall.png', random_bgr(61, 5, seed=3))
+    write_png(src / 'odd.png', random_bgr(11, 17, seed=4))
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '5 image(s) written, 0 failed' in proc.stdout
+    out = tmp_path / 'out'
+    shapes = {n: cv2.imread(str(out / f'{n}.png'), cv2.IMREAD_UNCHANGED).shape
+              for n in ('palette', 'exif', 'wide', 'tall', 'odd')}
+    # the palette (gray entries) and the black-and-white JPEG are gray images: they come out gray
+    assert shapes == {'palette': (36, 52), 'exif': (80, 40), 'wide': (12, 388, 3), 'tall': (244, 20, 3),
+                      'odd': (44, 68, 3)}
+    exif_out = cv2.imread(str(out / 'exif.png'), cv2.IMREAD_UNCHANGED)
+    assert exif_out[:8].mean() > 150 and exif_out[-40:].mean() < 100  # rotated as displayed: the band on top
+
+
+def test_empty_folder_and_missing_input(trained, tmp_path):
+    opt_path, _ = trained
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'notes.txt').write_text('no images here')
+    proc = _infer(['-i', str(tmp_path / 'empty'), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith('error: no images'), proc.stderr
+    proc = _infer(['-i', str(tmp_path / 'nope'), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 2 and 'error: input not found' in proc.stderr
