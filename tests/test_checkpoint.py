@@ -207,3 +207,34 @@ def test_a_trusted_old_checkpoint_can_be_converted(tmp_path):
     state = safe_torch_load(str(new))
     assert torch.equal(state['params']['w'], torch.ones(2)) and state['iter'] == 7 and state['extra'] is None
     assert torch.equal(state['mean'], torch.zeros(3)) and isinstance(state['milestones'], collections.Counter)
+
+
+@pytest.mark.slow
+def test_kill_9_while_a_checkpoint_is_being_written(tmp_path):
+    """A real SIGKILL in the middle of writing a large checkpoint over an older one: the final name still holds the
+    older, complete checkpoint; the half-written temporary file has a name no loader picks."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+    path = tmp_path / 'net_g_latest.pth'
+    torch.save({'params': {'w': torch.zeros(3)}}, str(path))
+    code = ('import torch, patchscaler.utils.checkpoint as c; '
+            f'c.atomic_save({{"params": {{"w": torch.ones(100_000_000)}}}}, {str(path)!r})')  # 400 MB
+    proc = subprocess.Popen([sys.executable, '-c', code])
+    deadline, killed_mid_write = time.time() + 120, False
+    while proc.poll() is None and time.time() < deadline:
+        tmp = glob.glob(str(tmp_path / '.net_g_latest.pth.*.tmp'))
+        if tmp and os.path.getsize(tmp[0]) > 1_000_000:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_mid_write = True
+            break
+        time.sleep(0.001)
+    proc.wait()
+    state = safe_torch_load(str(path))
+    if killed_mid_write:
+        assert proc.returncode == -signal.SIGKILL and torch.equal(state['params']['w'], torch.zeros(3))
+        assert glob.glob(str(tmp_path / '.net_g_latest.pth.*.tmp'))  # the partial file, under its temporary name
+    else:  # the write finished first (very fast disk): then the new file must be complete
+        assert state['params']['w'].numel() == 100_000_000
