@@ -37,6 +37,8 @@ def main(argv=None):
     p.add_argument('--devices', default=None, help='PGS group-parallel sampling on several devices, e.g. '
                    'cuda:0,cuda:1 (the paper: hard group on one GPU, the others on a second); encode, GRM, '
                    'retrieval and decode stay on --device. Same result as one device')
+    p.add_argument('--grm-tile', type=int, default=None, help='run the GRM on overlapping latent tiles of this '
+                   'size (large images: bounds its memory)')
     p.add_argument('--compile', action='store_true', help='torch.compile the GRM and the denoiser (GPU; the '
                    'first image of each size compiles)')
     p.add_argument('--no-progress', action='store_true')
@@ -45,6 +47,8 @@ def main(argv=None):
         opt = load_option_file(args.opt)
         if args.compile:
             opt['compile'] = True
+        if args.grm_tile:
+            opt['grm_tile'] = args.grm_tile
         devices = [d.strip() for d in args.devices.split(',') if d.strip()] if args.devices else None
         summary = run(opt, args.input, args.output, args.device, args.ckpt, args.save_qmap,
                       False if args.no_color_fix else None, args.tile, args.suffix, args.seed, not args.no_progress,

@@ -26,6 +26,7 @@ Used by :class:`PatchScalerModel` for validation/testing and by ``tools/infer.py
   - ``compile``: ``torch.compile`` the GRM and the denoiser in place (true, or torch.compile's keyword
     arguments, e.g. ``{mode: max-autotune}``); the first call of each new input shape compiles;
   - ``devices``: PGS's group-parallel sampling on several GPUs (:meth:`PatchScalerPipeline.set_devices`);
+  - ``grm_tile`` / ``grm_tile_overlap`` (latent px): the GRM on overlapping latent tiles (large images);
   - patches of a group go to the denoiser ``sampler.batch_size`` at a time (64 by default: few large calls).
 * The wavelet color fix (section 4.1) applies to the diffusion output only: it corrects the colour drift
   of sampling; the GRM's regression output (``refine=False``, or no Patch-DiT) is returned as decoded.
@@ -145,7 +146,7 @@ class PatchScalerPipeline:
 
     def __init__(self, autoencoder, grm, scale, denoiser=None, sampler=None, rtm=None, top_k=None, color_fix=True,
                  tile=None, tile_overlap=64, autocast=None, autoencoder_autocast=False, channels_last=False,
-                 compile=None, devices=None):
+                 compile=None, devices=None, grm_tile=None, grm_tile_overlap=16):
         if denoiser is not None and sampler is None:
             raise ConfigError('a Patch-DiT needs a sampler (PGS options) to run')
         if denoiser is not None and sampler.patch_size != denoiser.patch_size:
@@ -171,6 +172,10 @@ class PatchScalerPipeline:
         if tile is not None and not 0 <= int(tile_overlap) <= int(tile) - d:
             raise ConfigError(f'tile_overlap must be in [0, tile - {d}] = [0, {int(tile) - d}], got {tile_overlap}')
         self.tile, self.tile_overlap = (int(tile) if tile else None), int(tile_overlap)
+        if grm_tile is not None and not (int(grm_tile) >= 8 and 0 <= int(grm_tile_overlap) < int(grm_tile)):
+            raise ConfigError(f'grm_tile must be >= 8 latent px and above grm_tile_overlap, got {grm_tile} / '
+                              f'{grm_tile_overlap}')
+        self.grm_tile, self.grm_tile_overlap = (int(grm_tile) if grm_tile else None), int(grm_tile_overlap)
         if autoencoder_autocast and self.autocast is None:
             raise ConfigError('autoencoder_autocast needs autocast (bf16 or fp16): it runs the autoencoder in it')
         self.autoencoder_autocast, self.fp32_fallbacks = bool(autoencoder_autocast), 0
@@ -231,6 +236,18 @@ class PatchScalerPipeline:
         for t in sorted(types):
             stack.enter_context(autocast(t, self.autocast))
         return stack
+
+    def run_grm(self, y_lr):
+        """(y_HR, C) of the GRM; with ``grm_tile``, on overlapping latent tiles blended like the autoencoder's
+        (bounded memory on large images; near the tile seams the result differs slightly from one pass)."""
+        if not self.grm_tile or max(y_lr.shape[-2:]) <= self.grm_tile:
+            return self.grm(y_lr)
+
+        def both(t):
+            y, c = self.grm(t)
+            return torch.cat([y.float(), c.float()], 1)
+        out = tiled_apply(both, y_lr, self.grm_tile, self.grm_tile_overlap, 1)
+        return out[:, :-1], out[:, -1:]
 
     def encode(self, images):
         def run(x):
@@ -294,7 +311,7 @@ class PatchScalerPipeline:
         y_hr, confidence = y_lr, None
         if self.grm is not None:
             with self._autocast():
-                y_hr, confidence = timed('grm', lambda: self.grm(y_lr))
+                y_hr, confidence = timed('grm', lambda: self.run_grm(y_lr))
             y_hr, confidence = y_hr.float(), confidence.float()
         report, x_hr = None, y_hr
         if refine and self.denoiser is not None:
@@ -323,7 +340,8 @@ class PatchScalerPipeline:
 
 #: top-level option -> PatchScalerPipeline argument (the speed options of the module docstring)
 SPEED_OPTIONS = {'autocast': 'autocast', 'autoencoder_autocast': 'autoencoder_autocast',
-                 'channels_last': 'channels_last', 'compile': 'compile', 'pgs_devices': 'devices'}
+                 'channels_last': 'channels_last', 'compile': 'compile', 'pgs_devices': 'devices',
+                 'grm_tile': 'grm_tile', 'grm_tile_overlap': 'grm_tile_overlap'}
 
 
 def speed_options(opt, model=False):

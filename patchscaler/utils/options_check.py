@@ -15,7 +15,7 @@ TOP_LEVEL_KEYS = {
     'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'path', 'train', 'val', 'logger',
     'dist_params', 'find_unused_parameters', 'autoencoder', 'degradation', 'is_train', 'dist', 'rank',
     'world_size', 'auto_resume', 'root_path', 'sampler', 'rtm', 'color_fix', 'tile', 'tile_overlap', 'autocast',
-    'autoencoder_autocast', 'channels_last', 'compile', 'pgs_devices'}
+    'autoencoder_autocast', 'channels_last', 'compile', 'pgs_devices', 'grm_tile', 'grm_tile_overlap'}
 SECTION_KEYS = {
     'logger': {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'},
     'val': {'val_freq', 'save_img', 'metrics', 'pbar', 'suffix', 'max_images'},
