@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, and loads that refuse truncated files and arbitrary unpickling."""
+import collections
 import os
 from collections import OrderedDict
 
@@ -9,6 +10,8 @@ import patchscaler  # noqa: F401  (registration; conftest.py imports it before B
 from patchscaler.utils import checkpoint
 from patchscaler.utils.checkpoint import atomic_save, explain_load_errors, safe_torch_load
 from patchscaler.utils.errors import CheckpointError
+
+Point = collections.namedtuple('Point', 'x y')
 
 
 class CustomThing:
@@ -194,7 +197,9 @@ def test_a_trusted_old_checkpoint_can_be_converted(tmp_path):
 
     import numpy as np
     old, new = tmp_path / 'old.pth', tmp_path / 'new.pth'
-    torch.save({'params': {'w': torch.ones(2)}, 'iter': np.int64(7), 'mean': np.zeros(3, np.float32),
+    torch.save({'params': {'w': torch.ones(2)}, 'iter': np.int64(7), 'lr': np.float64(0.5),
+                'mean': np.zeros(3, np.float32), 'names': np.array(['a', 'b']), 'xy': Point(1, 2),
+                (0, 'pair'): {1, 2}, 'dtype': torch.float16,
                 'milestones': collections.Counter({10: 1}), 'extra': CustomThing(3)}, str(old))
     with pytest.raises(CheckpointError, match=f'--trust {old}'):
         safe_torch_load(str(old))
@@ -203,9 +208,11 @@ def test_a_trusted_old_checkpoint_can_be_converted(tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'patchscaler.utils.checkpoint', '--trust', str(old), str(new)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "dropped (not tensors or plain values): checkpoint['extra'] (CustomThing)" in proc.stdout
+    assert "checkpoint['extra'] (CustomThing)" in proc.stdout and "checkpoint['names'] (numpy <U1 array)" in proc.stdout
     state = safe_torch_load(str(new))
     assert torch.equal(state['params']['w'], torch.ones(2)) and state['iter'] == 7 and state['extra'] is None
+    assert type(state['lr']) is float and state['xy'] == (1, 2) and state[(0, 'pair')] == {1, 2}
+    assert state['dtype'] is torch.float16
     assert torch.equal(state['mean'], torch.zeros(3)) and isinstance(state['milestones'], collections.Counter)
 
 
@@ -226,7 +233,11 @@ def test_kill_9_while_a_checkpoint_is_being_written(tmp_path):
     deadline, killed_mid_write = time.time() + 120, False
     while proc.poll() is None and time.time() < deadline:
         tmp = glob.glob(str(tmp_path / '.net_g_latest.pth.*.tmp'))
-        if tmp and os.path.getsize(tmp[0]) > 1_000_000:
+        try:
+            size = os.path.getsize(tmp[0]) if tmp else 0
+        except FileNotFoundError:  # renamed in between: the write is complete
+            size = 0
+        if size > 1_000_000:
             os.kill(proc.pid, signal.SIGKILL)
             killed_mid_write = True
             break
@@ -238,3 +249,5 @@ def test_kill_9_while_a_checkpoint_is_being_written(tmp_path):
         assert glob.glob(str(tmp_path / '.net_g_latest.pth.*.tmp'))  # the partial file, under its temporary name
     else:  # the write finished first (very fast disk): then the new file must be complete
         assert state['params']['w'].numel() == 100_000_000
+    for f in glob.glob(str(tmp_path / '*')) + glob.glob(str(tmp_path / '.*.tmp')):
+        os.remove(f)  # 400 MB: not kept in pytest's temporary folders

@@ -298,3 +298,12 @@ def test_grm_on_latent_tiles(trained):
     from patchscaler.utils.errors import ConfigError
     with pytest.raises(ConfigError, match='grm_tile'):
         _pipes(trained, bad={'grm_tile': 8, 'grm_tile_overlap': 8})
+    # a GRM sure everywhere (C = 1): blending the tiles must not push C above 1 (PGS would refuse the map)
+    base.grm = lambda t: (t, torch.ones_like(t[:, :1]))
+    base.grm_tile, base.grm_tile_overlap = 32, 16
+    _, conf = base.run_grm(torch.randn(1, 12, 100, 70))
+    assert conf.max() <= 1 and conf.min() > 0.999
+    base.grm_tile_overlap = 0  # 0 is a value, not "unset"
+    assert base.run_grm(torch.randn(1, 12, 64, 64))[1].shape == (1, 1, 64, 64)
+    from patchscaler.models.pipeline import speed_options
+    assert speed_options({'grm_tile': 32, 'grm_tile_overlap': 0}) == {'grm_tile': 32, 'grm_tile_overlap': 0}

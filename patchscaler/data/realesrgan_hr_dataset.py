@@ -31,8 +31,8 @@ def _kernel_sizes(bounds, name):
     """[lo, hi] -> the odd sizes lo, lo + 2, ..., hi (Real-ESRGAN's 7 ... 21 when not given)."""
     if bounds is None:
         return KERNEL_RANGE
-    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or any(int(b) != b or b % 2 == 0 for b in bounds) \
-            or not 3 <= bounds[0] <= bounds[1] <= KERNEL_SIZE:
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or not all(isinstance(b, int) for b in bounds) \
+            or any(b % 2 == 0 for b in bounds) or not 3 <= bounds[0] <= bounds[1] <= KERNEL_SIZE:
         raise ConfigError(f'{name} must be [smallest, largest] odd kernel sizes within [3, {KERNEL_SIZE}], '
                           f'got {bounds!r}')
     return list(range(int(bounds[0]), int(bounds[1]) + 1, 2))

@@ -190,10 +190,11 @@ class PatchScalerModel(BaseModel):
     def _step(self, loss, net, optimizer, name):
         """Backward, clip, step; False (nothing changed) when the gradients are not finite.
 
-        A NaN/inf loss or gradient skips the step with a warning, so no NaN reaches the weights, the EMA or a
-        checkpoint; ``train.max_nonfinite_steps`` (default 10) skipped steps in a row stop training with an error.
-        The decision is taken on the gradients after backward, which DDP has already averaged: every rank
-        skips the same steps."""
+        Non-finite gradients (what a NaN/inf loss gives) skip the step with a warning, so no NaN reaches the
+        weights, the optimizer state, the EMA or a checkpoint; ``train.max_nonfinite_steps`` (default 10) skipped
+        steps in a row stop training with an error. The decision is taken on the gradients after backward, which
+        DDP has already averaged: every rank skips the same steps. The learning-rate schedule goes on through
+        skipped steps (BasicSR steps it per iteration); the count of skips in a row starts again at a resume."""
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip or float('inf'))
         if torch.isfinite(norm):

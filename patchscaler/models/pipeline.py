@@ -247,7 +247,7 @@ class PatchScalerPipeline:
             y, c = self.grm(t)
             return torch.cat([y.float(), c.float()], 1)
         out = tiled_apply(both, y_lr, self.grm_tile, self.grm_tile_overlap, 1)
-        return out[:, :-1], out[:, -1:]
+        return out[:, :-1], out[:, -1:].clamp_(0, 1)  # blending C = 1 everywhere rounds to 1 + 2e-7 in places
 
     def encode(self, images):
         def run(x):
@@ -349,7 +349,7 @@ def speed_options(opt, model=False):
     (tools/train.py and tools/test.py), which run on one device and whose networks are the training networks:
     ``pgs_devices`` is refused there (tools/infer.py and the benchmark take it), and so are ``compile`` and
     ``channels_last`` in a training file (they would change the networks being trained, in place)."""
-    out = {arg: opt[key] for key, arg in SPEED_OPTIONS.items() if opt.get(key) not in (None, False)}
+    out = {arg: opt[key] for key, arg in SPEED_OPTIONS.items() if opt.get(key) is not None and opt[key] is not False}
     refused = ['pgs_devices'] if model else []
     if model and opt.get('is_train'):
         refused += ['compile', 'channels_last']

@@ -3,6 +3,7 @@ import collections
 import contextlib
 import os
 import pickle
+import shlex
 import tempfile
 import zipfile
 
@@ -83,7 +84,7 @@ def explain_load_errors(path):
         raise CheckpointError(
             f'{path} needs arbitrary unpickling to load ({first}); PatchScaler loads checkpoints with '
             'weights_only=True only. If it is your own file and you trust it: python -m patchscaler.utils.checkpoint '
-            f'--trust {path} <new.pth> re-saves its tensors and plain values') from None
+            f'--trust {shlex.quote(str(path))} <new.pth> re-saves its tensors and plain values') from None
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f'{path} is not a torch checkpoint or is truncated ({type(e).__name__})') from None
     except RuntimeError as e:
@@ -130,28 +131,49 @@ def load_weights(net, path, param_key='params', strict=True, where='network'):
     return net
 
 
+_PLAIN = (bool, int, float, complex, str, bytes)
+
+
 def _plain(obj, where, dropped):
-    """``obj`` with only what ``weights_only=True`` loads (tensors, numbers, strings, containers of them)."""
-    if torch.is_tensor(obj) or obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+    """``obj`` with only what ``weights_only=True`` loads: tensors, dtypes, devices, plain numbers and strings,
+    and dicts/lists/tuples/sets of them. numpy values become Python numbers or tensors; subclasses of plain types
+    (numpy's float64, a namedtuple) become the plain type; anything else is dropped (None) and named."""
+    import numpy as np
+    if torch.is_tensor(obj) or obj is None or isinstance(obj, (torch.dtype, torch.device)):
         return obj
+    if isinstance(obj, np.generic):  # before the plain types: np.float64 is a float subclass
+        return obj.item()
+    for kind in _PLAIN:
+        if isinstance(obj, kind):
+            return obj if type(obj) is kind else kind(obj)
     if isinstance(obj, dict):  # OrderedDict and Counter (schedulers' milestones) keep their type: both load
         kind = type(obj) if type(obj) in (dict, collections.OrderedDict, collections.Counter) else dict
-        return kind({k: _plain(v, f'{where}[{k!r}]', dropped) for k, v in obj.items()
-                     if isinstance(k, (str, int, float, bool)) or dropped.append(f'{where}[{k!r}] (key)')})
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v, f'{where}[{i}]', dropped) for i, v in enumerate(obj))
-    if hasattr(obj, 'item') and getattr(obj, 'shape', None) == ():  # numpy scalars
-        return obj.item()
-    if hasattr(obj, '__array__'):  # numpy arrays
-        import numpy as np
-        return torch.from_numpy(np.asarray(obj))
+        out = kind()
+        for k, v in obj.items():
+            key = _plain(k, f'{where} key {k!r}', dropped)
+            if key is None and k is not None:
+                continue
+            out[key] = _plain(v, f'{where}[{k!r}]', dropped)
+        return out
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [_plain(v, f'{where}[{i}]', dropped) for i, v in enumerate(obj)]
+        kind = type(obj) if type(obj) in (list, tuple, set, frozenset) else (tuple if isinstance(obj, tuple)
+                                                                             else list)
+        return kind(items)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in 'biufc':
+            return torch.from_numpy(np.ascontiguousarray(obj))
+        dropped.append(f'{where} (numpy {obj.dtype} array)')
+        return None
     dropped.append(f'{where} ({type(obj).__name__})')
     return None
 
 
 def convert_untrusted(src, dst):
-    """Load ``src`` with full unpickling (only for a file you trust), keep tensors and plain values, write ``dst``
-    atomically and check that it loads with ``weights_only=True``. Returns what was dropped."""
+    """Load ``src`` with full unpickling (only for a file you trust), keep tensors and plain values, check in
+    memory that the result loads with ``weights_only=True``, then write ``dst`` atomically. Returns what was
+    dropped."""
+    import io
     if not os.path.isfile(src):
         raise CheckpointError(f'checkpoint not found: {src}')
     try:
@@ -162,8 +184,16 @@ def convert_untrusted(src, dst):
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as e:
         raise CheckpointError(f'{src} is not a torch checkpoint or is truncated ({type(e).__name__})') from None
     dropped = []
-    atomic_save(_plain(obj, 'checkpoint', dropped), dst)
-    safe_torch_load(dst)
+    plain = _plain(obj, 'checkpoint', dropped)
+    buf = io.BytesIO()
+    torch.save(plain, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # a type this conversion does not know yet: nothing is written
+        raise CheckpointError(f'{src}: the converted checkpoint still needs unpickling ({str(e).splitlines()[0]}); '
+                              f'nothing written') from None
+    atomic_save(plain, dst)
     return dropped
 
 
