@@ -191,6 +191,8 @@ def build_metric(name, folder=None, device=None):
             _import_arch(name)  # pyiqa imports its archs lazily: import this one first, so that it gets patched
             with offline():
                 metric = pyiqa.create_metric(name, device=device)
+        except MetricUnavailable:  # a missing file, named by the redirection (it is an OSError too)
+            raise
         except ImportError as e:
             raise MetricUnavailable(f"metric '{name}' is unavailable: {e} (openai-clip needs pkg_resources: "
                                     f"pip install 'setuptools<81')") from e
