@@ -191,3 +191,26 @@ def test_cli_exit_status_and_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'compare.py'), '-opt', bad],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith('error: models must be')
+
+
+@pytest.mark.parametrize('script, timeout, reason', [
+    ('exit 3', None, 'the process exited with status 3'),
+    ('kill -9 $$', None, 'the process was killed by signal 9 (out of memory?)'),
+    ('sleep 30', 1, 'timed out after 1 s'),
+    ('kill -11 $$', None, 'the process was killed by signal 11'),
+])
+def test_a_model_process_that_crashes_is_killed_or_hangs_is_a_failed_row(tmp_path, monkeypatch, script, timeout,
+                                                                         reason):
+    """The child process of one model ends badly: its row says how (status, signal, timeout); nothing else
+    breaks. A stand-in interpreter plays the child."""
+    from patchscaler.compare import compare
+    fake = tmp_path / 'python'
+    fake.write_text(f'#!/bin/sh\n{script}\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, 'executable', str(fake))
+    out = tmp_path / 'model'
+    out.mkdir()
+    job = {'name': 'M', 'opt': 'm.yml', 'out': str(out)}
+    record = compare._run_job(job, str(out / 'job.json'), timeout, progress=False)
+    assert record['status'] == 'failed' and record['reason'] == reason and record['images'] == []
+    assert json.loads((out / 'record.json').read_text())['reason'] == reason
