@@ -24,8 +24,8 @@ from basicsr.utils.registry import METRIC_REGISTRY
 
 from patchscaler.metrics.iqa import MetricUnavailable, pyiqa_info
 
-#: BasicSR / PatchScaler metric types scored without a reference image
-NO_REFERENCE_TYPES = {'calculate_niqe', 'calculate_maniqa', 'calculate_clipiqa', 'calculate_musiq'}
+#: BasicSR metric types scored without a reference image (PatchScaler's own say so with ``fn.no_reference``)
+NO_REFERENCE_TYPES = {'calculate_niqe'}
 #: metric types where lower is better (used when the option gives no ``better``)
 LOWER_IS_BETTER = {'calculate_niqe', 'calculate_lpips'}
 
@@ -106,9 +106,8 @@ class MetricTable:
                  '| --- | ---: | --- | --- |']
         for name, mean, direction, note in self.summary():
             lines.append(f'| {name} | {"–" if mean is None else f"{mean:.4f}"} | {direction} | {note} |')
-        missing = [msg for msg in self.unavailable.values()]
-        if missing:
-            lines += [''] + [f'    {line}' for msg in missing for line in msg.split('\n')]
+        if self.unavailable:
+            lines += [''] + [f'    {line}' for msg in self.unavailable.values() for line in msg.split('\n')]
         return '\n'.join(lines)
 
     def save(self, folder, stem):

@@ -56,13 +56,14 @@ from patchscaler.models.validation import (
     log_x0_errors,
     save_metric_table,
     save_visuals,
+    x0_errors,
+    x0_timesteps,
 )
-from patchscaler.sampling.schedules import q_sample, to_x0_eps
+from patchscaler.sampling.schedules import q_sample
 from patchscaler.utils.checkpoint import load_weights
 from patchscaler.utils.errors import ConfigError, InputError, TrainingError
 
 STAGES = ('grm', 'full')
-X0_FRACTIONS = (0.05, 0.25, 0.5, 0.8)  # where validation measures the x0-prediction loss, as fractions of T
 
 
 def random_patches(tensors, size, count, generator=None):
@@ -323,47 +324,12 @@ class PatchScalerModel(BaseModel):
             self.pgs_groups = self.sampler.assign(self.confidence, shape)
 
     def x0_timesteps(self):
-        """Where validation measures the x0-prediction loss: 5, 25, 50 and 80 % of the way to T."""
-        t_max = len(self.alphas_cumprod)
-        return tuple(max(0, round(f * t_max) - 1) for f in X0_FRACTIONS)
+        """Where validation measures the x0-prediction loss (see :func:`validation.x0_timesteps`)."""
+        return x0_timesteps(self.alphas_cumprod)
 
-    @torch.no_grad()
     def x0_errors(self):
-        """The x0-prediction loss on this validation image, at fixed timesteps and noise: MSE to the HR latent of
-        the denoiser's x0 (its output converted by its prediction type) from x_t (Eq. 4) at each of
-        :meth:`x0_timesteps`, then of y0 itself (what it must beat). Deterministic, so successive validations
-        show whether the diffusion stage is learning. Uses the latents of the last :meth:`test` and the
-        pipeline's (tiled) encoder."""
-        net = self.net_g_ema if self.net_g_ema is not None else self.get_bare_model(self.net_g)
-        pipe, v = self.pipeline(), net.patch_size
-        x_hr = pipe.encode(pad_to_multiple(self.gt, self.autoencoder.downscale_factor)[0])
-        sources = {'y0': self.y_hr, 'y_lr': self.y_lr}
-        keys = sorted({'y0', *getattr(net, 'cond_keys', ('y0',))})
-        h, w = min(x_hr.shape[-2], self.y_hr.shape[-2]), min(x_hr.shape[-1], self.y_hr.shape[-1])
-        if h < v or w < v:
-            return torch.full((len(X0_FRACTIONS) + 1,), float('nan'))
-        crops = [(t, le) for t in range(0, h - v + 1, v) for le in range(0, w - v + 1, v)]
-
-        def cut(z):
-            return torch.cat([z[..., t:t + v, le:le + v] for t, le in crops])
-        x0, given = cut(x_hr), {k: cut(sources[k]) for k in keys}
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
-        sums = torch.zeros(len(X0_FRACTIONS))
-        for i in range(0, len(x0), self.sampler.batch_size):
-            sl = slice(i, i + self.sampler.batch_size)
-            xb, nb = x0[sl], noise[sl]
-            cond = {k: given[k][sl] for k in getattr(net, 'cond_keys', ('y0',))}
-            if self.rtm is not None:
-                cond.update(net.encode_prompt(*self.rtm.query(given['y0'][sl])))
-            for j, t in enumerate(self.x0_timesteps()):
-                tt = torch.full((len(xb),), t, device=xb.device, dtype=torch.long)
-                a_bar = self.alphas_cumprod[t]
-                x_t = q_sample(xb, nb, a_bar)
-                with pipe._autocast():
-                    pred = net(x_t, tt, cond)
-                pred = to_x0_eps(pred.float(), x_t, a_bar, getattr(net, 'prediction_type', 'sample'))[0]
-                sums[j] += F.mse_loss(pred, xb, reduction='sum').cpu()
-        return torch.cat([sums / x0.numel(), F.mse_loss(given['y0'], x0).cpu()[None]])
+        """The x0-prediction loss on the last :meth:`test` image (see :func:`validation.x0_errors`)."""
+        return x0_errors(self)
 
     def get_current_visuals(self):
         out = OrderedDict(lq=self.lq.detach().cpu(), result=self.output.detach().cpu(),

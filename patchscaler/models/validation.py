@@ -1,10 +1,17 @@
-"""What PatchScalerModel's validation writes: metrics per pipeline stage, PGS statistics, pictures."""
+"""What PatchScalerModel's validation measures and writes: metrics per pipeline stage, the x0-prediction loss,
+PGS statistics, pictures."""
 from os import path as osp
 
+import torch
+import torch.nn.functional as F
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 
+from patchscaler.archs.autoencoder_arch import pad_to_multiple
 from patchscaler.metrics import better
+from patchscaler.sampling.schedules import q_sample, to_x0_eps
 from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay
+
+X0_FRACTIONS = (0.05, 0.25, 0.5, 0.8)  # where validation measures the x0-prediction loss, as fractions of T
 
 # the pipeline's outputs a metric is computed for: final SR, the GRM's decoded y_HR, plain bicubic
 STAGE_SUFFIXES = (('', 'PatchScaler'), ('_grm', 'GRM'), ('_bicubic', 'bicubic'))
@@ -49,6 +56,52 @@ def save_metric_table(model, table, dataset_name):
     path = table.save(folder, f'metrics_{dataset_name}')
     get_root_logger().info(f'{table.markdown(f"{model.method_name} on {dataset_name}")}\n(saved to {path} and '
                            f'.json/.csv beside it)')
+
+
+def x0_timesteps(alphas_cumprod):
+    """Where validation measures the x0-prediction loss: 5, 25, 50 and 80 % of the way to T."""
+    t_max = len(alphas_cumprod)
+    return tuple(max(0, round(f * t_max) - 1) for f in X0_FRACTIONS)
+
+
+@torch.no_grad()
+def x0_errors(model):
+    """The x0-prediction loss on ``model``'s last validation image, at fixed timesteps and noise: MSE to the HR
+    latent of the denoiser's x0 (its output converted by its prediction type) from x_t (Eq. 4) at each of
+    :func:`x0_timesteps`, then of y0 itself (what it must beat). Deterministic, so successive validations show
+    whether the diffusion stage is learning. Uses the latents of the model's last ``test()`` and the pipeline's
+    (tiled) encoder."""
+    net = model.net_g_ema if model.net_g_ema is not None else model.get_bare_model(model.net_g)
+    pipe, v = model.pipeline(), net.patch_size
+    x_hr = pipe.encode(pad_to_multiple(model.gt, model.autoencoder.downscale_factor)[0])
+    sources = {'y0': model.y_hr, 'y_lr': model.y_lr}
+    keys = sorted({'y0', *getattr(net, 'cond_keys', ('y0',))})
+    h, w = min(x_hr.shape[-2], model.y_hr.shape[-2]), min(x_hr.shape[-1], model.y_hr.shape[-1])
+    if h < v or w < v:
+        return torch.full((len(X0_FRACTIONS) + 1,), float('nan'))
+    crops = [(t, le) for t in range(0, h - v + 1, v) for le in range(0, w - v + 1, v)]
+
+    def cut(z):
+        return torch.cat([z[..., t:t + v, le:le + v] for t, le in crops])
+    x0, given = cut(x_hr), {k: cut(sources[k]) for k in keys}
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
+    sums = torch.zeros(len(X0_FRACTIONS))
+    timesteps = x0_timesteps(model.alphas_cumprod)
+    for i in range(0, len(x0), model.sampler.batch_size):
+        sl = slice(i, i + model.sampler.batch_size)
+        xb, nb = x0[sl], noise[sl]
+        cond = {k: given[k][sl] for k in getattr(net, 'cond_keys', ('y0',))}
+        if model.rtm is not None:
+            cond.update(net.encode_prompt(*model.rtm.query(given['y0'][sl])))
+        for j, t in enumerate(timesteps):
+            tt = torch.full((len(xb),), t, device=xb.device, dtype=torch.long)
+            a_bar = model.alphas_cumprod[t]
+            x_t = q_sample(xb, nb, a_bar)
+            with pipe._autocast():
+                pred = net(x_t, tt, cond)
+            pred = to_x0_eps(pred.float(), x_t, a_bar, getattr(net, 'prediction_type', 'sample'))[0]
+            sums[j] += F.mse_loss(pred, xb, reduction='sum').cpu()
+    return torch.cat([sums / x0.numel(), F.mse_loss(given['y0'], x0).cpu()[None]])
 
 
 def log_x0_errors(errors, timesteps, dataset_name, current_iter, tb_logger):
