@@ -139,8 +139,12 @@ def _bit_depth(path):
 
 
 def _to_file_array(img, bits):
+    """float [0, 1] -> uint8/uint16, computed in ``img`` itself (a float copy of a 16000×12000 output is 2.3 GB;
+    callers pass an array they own)."""
     scale = 65535.0 if bits == 16 else 255.0
-    return (np.clip(img, 0, 1) * scale).round().astype(np.uint16 if bits == 16 else np.uint8)
+    np.clip(img, 0, 1, out=img)
+    img *= scale
+    return np.rint(img, out=img).astype(np.uint16 if bits == 16 else np.uint8)
 
 
 @dataclass
@@ -168,7 +172,7 @@ class InferSummary:
 def upscale_array(pipeline, img, alpha=None, seed=0):
     """float32 BGR (H, W, 3) in [0, 1] (+ alpha (H, W)) -> (SR BGR, SR alpha or None, PipelineOutput)."""
     lq = torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).float()[None]
-    out = pipeline(lq, seed=seed, return_grm=False)
+    out = pipeline(lq, seed=seed, return_grm=False, keep_latents=False)  # only the SR image is kept
     sr = out.sr[0].float().cpu().numpy().transpose(1, 2, 0)[..., ::-1]
     sr_alpha = None
     if alpha is not None:

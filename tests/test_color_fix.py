@@ -93,3 +93,20 @@ def test_zero_levels_is_identity_split():
     x = torch.rand(1, 3, 8, 8)
     high, low = wavelet_decompose(x, levels=0)
     assert torch.equal(low, x) and not high.any()
+
+
+@pytest.mark.parametrize('levels', [0, 1, 3, 5])
+@pytest.mark.parametrize('band', [1, 7, 40, 64])
+def test_bands_give_the_one_pass_result(levels, band):
+    """Each band is read with the blur's full radius of margin, so banding changes nothing (the README's
+    16000x12000 outputs are fixed this way)."""
+    g = torch.Generator().manual_seed(levels * 100 + band)
+    sr, ref = torch.rand(2, 3, 75, 33, generator=g), torch.rand(2, 3, 75, 33, generator=g)
+    whole = wavelet_color_fix(sr, ref, levels, band=None)
+    torch.testing.assert_close(wavelet_color_fix(sr, ref, levels, band=band), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('band', [0, -3, 2.5])
+def test_bad_band_is_a_config_error(band):
+    with pytest.raises(ConfigError):
+        wavelet_color_fix(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), band=band)

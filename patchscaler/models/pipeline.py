@@ -284,9 +284,12 @@ class PatchScalerPipeline:
         return run(x.float())
 
     @torch.no_grad()
-    def __call__(self, lq, refine=True, seed=None, return_grm=True):
+    def __call__(self, lq, refine=True, seed=None, return_grm=True, keep_latents=True):
         """SR of an LR batch (B, 3, h, w) in [0, 1]; ``refine=False`` stops after the GRM; ``return_grm`` also
-        decodes y_HR (``PipelineOutput.grm``), outside the timed stages."""
+        decodes y_HR (``PipelineOutput.grm``), outside the timed stages. ``keep_latents=False`` (tools/infer.py)
+        lets go of every intermediate as soon as it is used (y_LR after the GRM, y_HR after PGS, the bicubic
+        after the colour fix), so that ``y_hr``, ``y_lr`` and ``bicubic`` of the output are None: on a large image
+        each is as big as the output (the pixel-unshuffle latent) or a fraction of it (the SD VAE's)."""
         if not torch.is_tensor(lq) or lq.dim() != 4 or lq.shape[1] != 3:
             got = tuple(lq.shape) if torch.is_tensor(lq) else type(lq).__name__
             raise InputError(f'expected an LR batch (B, 3, h, w), got {got}')
@@ -317,6 +320,9 @@ class PatchScalerPipeline:
         if refine and self.denoiser is not None:
             given = {'y0': y_hr, 'y_lr': y_lr}
             cond = {k: given[k] for k in getattr(self.denoiser, 'cond_keys', ('y0',))}
+            del given
+            if not keep_latents and 'y_lr' not in cond:
+                y_lr = None
 
             def run_pgs():
                 with self._autocast():
@@ -325,17 +331,24 @@ class PatchScalerPipeline:
                                                                            self._retrieval_lock),
                                                seed=seed)
             x_hr, report = timed('pgs', run_pgs)
-            x_hr = x_hr.float()
+            x_hr, cond = x_hr.float(), None
+        if not keep_latents:
+            y_lr = None
+            if not (return_grm and report is not None):
+                y_hr = None
         sr = timed('decode', lambda: self.decode(x_hr)[..., :h, :w])
+        x_hr = None
         if report is not None and self.color_fix:  # the fix is for the diffusion stage's colour drift
             sr = timed('color_fix', lambda: wavelet_color_fix(sr, up))
+        if not keep_latents:
+            up = None
         grm_img = conf = None
         if return_grm and self.grm is not None:  # not timed: only validation and the comparison strips need it
             grm_img = (sr if report is None else self.decode(y_hr)[..., :h, :w]).clamp(0, 1)
         if confidence is not None:
             conf = confidence[..., :-(-h // d), :-(-w // d)]
-        return PipelineOutput(sr=sr.clamp(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,
-                              seconds=seconds, y_hr=y_hr, y_lr=y_lr)
+        return PipelineOutput(sr=sr.clamp_(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,
+                              seconds=seconds, y_hr=y_hr if keep_latents else None, y_lr=y_lr)
 
 
 #: top-level option -> PatchScalerPipeline argument (the speed options of the module docstring)

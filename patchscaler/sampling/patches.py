@@ -13,6 +13,9 @@ effects" (section 4.1, citing StableSR's tiled sampling). Choices the paper leav
   dominates), ``linear`` (a pyramid, MultiDiffusion-like ramps) or ``uniform`` (plain averaging). All are
   strictly positive, so every covered pixel has a defined mean.
 - Accumulation is in float64, so blending a patchified float32/16 tensor returns it bit for bit.
+- Streaming: :meth:`PatchGrid.gather` reads any patches straight from the latent and :class:`PatchBlender`
+  blends patches in as they come, so PGS never holds all patches at once (they are 4x the latent at stride V/2):
+  its memory is the latent, its noise and the float64 sum, whatever the image size.
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -118,25 +121,34 @@ class PatchGrid:
         b, c, ny, nx, v, _ = p.shape
         return p.permute(0, 2, 3, 1, 4, 5).reshape(b, ny * nx, c, v, v)
 
+    def gather(self, x, idx):
+        """Patches ``idx`` (flat indices over (B, M), i.e. b·M + m) of ``x`` (B, C, h, w) as (n, C, V, V), read
+        straight from ``x``: the same values as ``patchify(x).flatten(0, 1)[idx]`` without making every patch."""
+        self.check(x)
+        idx = torch.as_tensor(idx, device=x.device).long()
+        m, v = self.num_patches, self.patch_size
+        ar = torch.arange(v, device=x.device)
+        rows = torch.tensor(self.rows, device=x.device)[(idx % m) // len(self.cols)][:, None] + ar  # (n, V)
+        cols = torch.tensor(self.cols, device=x.device)[(idx % m) % len(self.cols)][:, None] + ar  # (n, V)
+        p = self._pad(x)[(idx // m)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, V, V, C)
+        return p.permute(0, 3, 1, 2).contiguous()
+
+    def blender(self, batch, channels, window='gaussian', sigma=0.1, device='cpu'):
+        """A :class:`PatchBlender` that takes the patches of a (batch, channels, h, w) latent in any batches."""
+        return PatchBlender(self, batch, channels, window, sigma, device)
+
     def blend(self, patches, window='gaussian', sigma=0.1):
         """(B, M, C, V, V) -> (B, C, h, w): the per-pixel weighted mean of the patches covering each pixel."""
         if patches.dim() != 5 or patches.shape[1] != self.num_patches or \
                 tuple(patches.shape[-2:]) != (self.patch_size, self.patch_size):
             raise InputError(f'expected (B, {self.num_patches}, C, {self.patch_size}, {self.patch_size}) '
                              f'patches for a {self.height}x{self.width} latent, got {tuple(patches.shape)}')
-        b, m, c, v, _ = patches.shape
-        hp, wp = self.padded_size
-        # float64 sums make patchify -> blend exact for float32 and below; MPS has no float64.
-        acc_dtype = torch.float32 if patches.device.type == 'mps' else torch.float64
-        weight = blend_window(window, v, sigma).to(patches.device, acc_dtype)
-        rows, cols = self._flat_index(patches.device)
-        index = (rows[:, None, :, None] * wp + cols[None, :, None, :]).reshape(-1)  # (M·V·V,)
-        values = (patches.to(acc_dtype) * weight).permute(0, 2, 1, 3, 4).reshape(b, c, m * v * v)
-        num = torch.zeros(b, c, hp * wp, dtype=acc_dtype, device=patches.device).index_add_(2, index, values)
-        den = torch.zeros(hp * wp, dtype=acc_dtype, device=patches.device).index_add_(
-            0, index, weight.expand(m, v, v).reshape(-1))
-        out = (num / den).view(b, c, hp, wp)[:, :, :self.height, :self.width]
-        return out.to(patches.dtype)
+        b, m = patches.shape[:2]
+        blender = self.blender(b, patches.shape[2], window, sigma, patches.device)
+        flat, step = patches.flatten(0, 1), 4096
+        for i in range(0, b * m, step):
+            blender.add(torch.arange(i, min(i + step, b * m), device=patches.device), flat[i:i + step])
+        return blender.result(patches.dtype)
 
     def owner_map(self):
         """(h, w) long: for each latent pixel, the patch whose centre is nearest (the one the Gaussian blend
@@ -164,8 +176,60 @@ class PatchGrid:
         return (s / area).to(x.dtype if x.is_floating_point() else torch.float32)
 
 
+class PatchBlender:
+    """Blends denoised patches into the latent as they come, so no full set of patches is ever held.
+
+    ``add(idx, patches)`` adds each patch times the window into a float64 sum over the (padded) latent, and the
+    window into a per-pixel weight sum; ``result()`` divides. Memory: a latent-sized float64 sum (float32 on MPS)
+    and a weight plane per image, whatever the number of patches. Each pixel's sum runs in the order its patches
+    were added, so the result does not depend on how one sequence of patches is cut into batches. Added in
+    another order (several devices finishing batches in turn) the float64 sums can differ in their last bits,
+    which reach a float32 result rarely and by one ulp. ``result()`` checks that every pixel was covered.
+    """
+
+    def __init__(self, grid, batch, channels, window='gaussian', sigma=0.1, device='cpu'):
+        self.grid, self.batch, self.channels = grid, int(batch), int(channels)
+        device = torch.device(device)
+        # float64 sums make patchify -> blend exact for float32 and below; MPS has no float64.
+        self.dtype = torch.float32 if device.type == 'mps' else torch.float64
+        v = grid.patch_size
+        self.weight = blend_window(window, v, sigma).to(device, self.dtype)
+        hp, wp = grid.padded_size
+        self.num = torch.zeros(self.batch * self.channels * hp * wp, dtype=self.dtype, device=device)
+        self.den = torch.zeros(self.batch * hp * wp, dtype=self.dtype, device=device)
+        ar = torch.arange(v, device=device)
+        self._pixel = ar[:, None] * wp + ar[None, :]  # (V, V): offsets of a patch's pixels in one plane
+        self._plane = torch.arange(self.channels, device=device) * (hp * wp)  # (C,)
+        self._rows = torch.tensor(grid.rows, device=device)
+        self._cols = torch.tensor(grid.cols, device=device)
+
+    def add(self, idx, patches):
+        """Add patches (n, C, V, V) whose flat indices over (B, M) are ``idx`` (n,)."""
+        v, hp, wp = self.grid.patch_size, *self.grid.padded_size
+        if patches.dim() != 4 or tuple(patches.shape[1:]) != (self.channels, v, v) or len(idx) != len(patches):
+            raise InputError(f'expected {len(idx)} patches of ({self.channels}, {v}, {v}), got {tuple(patches.shape)}')
+        idx = torch.as_tensor(idx, device=self.num.device).long()
+        m, nx = self.grid.num_patches, len(self._cols)
+        corner = self._rows[(idx % m) // nx] * wp + self._cols[(idx % m) % nx]  # (n,) in one plane
+        at = corner[:, None, None] + self._pixel  # (n, V, V)
+        values = patches.to(self.num.device, self.dtype) * self.weight
+        index = (idx // m * self.channels * hp * wp)[:, None, None, None] + self._plane[None, :, None, None] \
+            + at[:, None]  # (n, C, V, V), in patches' own order
+        self.num.index_add_(0, index.reshape(-1), values.reshape(-1))
+        self.den.index_add_(0, ((idx // m * hp * wp)[:, None, None] + at).reshape(-1),
+                            self.weight.expand(len(idx), v, v).reshape(-1))
+
+    def result(self, dtype=torch.float32):
+        """(B, C, h, w) in ``dtype``: the weighted means. The sums are divided in place (the blender is spent)."""
+        hp, wp = self.grid.padded_size
+        if not bool((self.den > 0).all()):
+            raise InputError('PatchBlender.result: some latent pixels got no patch; add every patch of the grid')
+        num = self.num.view(self.batch, self.channels, hp, wp).div_(self.den.view(self.batch, 1, hp, wp))
+        return num[:, :, :self.grid.height, :self.grid.width].to(dtype)
+
+
 def num_patches(height, width, patch_size, stride=None):
     return PatchGrid.for_shape(height, width, patch_size, stride).num_patches
 
 
-__all__ = ['PatchGrid', 'blend_window', 'num_patches', 'BLEND_WINDOWS']
+__all__ = ['PatchGrid', 'PatchBlender', 'blend_window', 'num_patches', 'BLEND_WINDOWS']

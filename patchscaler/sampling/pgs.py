@@ -9,12 +9,16 @@ y_τ = sqrt(ᾱ_τ)·y0 + sqrt(1 - ᾱ_τ)·ε and takes N_g steps; the denoised
     print(report.summary())   # patches per group, NFE, and the uniform-sampling NFE it replaces
 
 Conditioning. ``cond`` is a tensor or a dict of them. A tensor must be spatial, (B, C, h, w) over the
-latent's (h, w): it is patchified on the same grid as y0, so patch m of y0 and of cond line up. A
+latent's (h, w): it is read on the same patch grid as y0, so patch m of y0 and of cond line up. A
 :class:`PerPatch` tensor (B, M, ...) already holds one entry per patch and is sliced. Values that are not
 tensors (None, numbers, strings) are passed through unchanged.
 ``prepare_cond(cond_batch) -> cond_batch`` runs once per batch of patches before its first step, for
 time-independent conditioning such as the texture prompt: computed once per patch, reused for all steps.
 If it has a ``denoiser`` parameter, it gets the denoiser that batch runs on (the copy on that device).
+
+Memory. Patches are read from y0, the noise and spatial conditioning batch by batch and blended into the
+latent as they come (:class:`PatchBlender`): PGS holds y0, its noise and a float64 sum of the latent, never the
+full set of patches (4× the latent at stride V/2), so its memory grows with the image, not with the overlap.
 
 Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then
 patchified, so overlapping patches see the same noise at the same pixel, the result does not depend on
@@ -24,8 +28,9 @@ patch of the batch): seeded, but dependent on the batch size.
 
 Devices. ``devices=['cuda:0', 'cuda:1']`` runs groups concurrently, one thread per device (the paper puts
 the hard group on one GPU and the others on a second, +33.7 %). Groups go to devices by
-``device_groups`` or, by default, longest-processing-time first on the groups' NFE. The result equals the
-sequential run (worker threads inherit the caller's grad mode and autocast). ``denoiser`` may be a list
+``device_groups`` or, by default, longest-processing-time first on the groups' NFE. Every patch is computed
+as in the sequential run (worker threads inherit the caller's grad mode and autocast); the blend adds them in
+the order the devices finish, which can change the last bit of a few float32 values. ``denoiser`` may be a list
 with one denoiser per device; an ``nn.Module`` is copied to each other device on every call (pass a list
 to avoid that copy). Without ``devices``, everything runs where y0 is.
 """
@@ -98,6 +103,13 @@ class PGSReport:
         parts = ', '.join(f'{n} {c}' for n, c in zip(self.group_names, self.patches_per_group))
         return (f'PGS: {self.num_patches} patches ({parts}); NFE {self.nfe_total} vs {self.nfe_uniform} for uniform '
                 f'{self.uniform_steps}-step sampling = {self.nfe_ratio:.2f}x')
+
+
+class _Spatial:
+    """A spatial conditioning tensor, read patch by patch."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
 
 
 def _parse_groups(groups):
@@ -184,7 +196,8 @@ class PatchGroupSampler:
     # ---------------------------------------------------------------- conditioning
     @staticmethod
     def _split_cond(cond, grid, batch):
-        """Patchify spatial tensors, flatten PerPatch ones to (B·M, ...); returns a slicer(idx)."""
+        """A slicer(idx, device) of the conditioning of patches ``idx``: spatial tensors are read patch by patch
+        (:meth:`PatchGrid.gather`), PerPatch ones flattened to (B·M, ...) and indexed."""
         def prepare(c):
             if isinstance(c, PerPatch):
                 t = c.tensor
@@ -197,13 +210,15 @@ class PatchGroupSampler:
                     raise InputError(f'spatial conditioning must be (B, C, h, w) with (B, h, w) = ({batch}, '
                                      f'{grid.height}, {grid.width}) like y0, got {tuple(c.shape)}; wrap per-patch '
                                      f'tensors in PerPatch')
-                return grid.patchify(c).flatten(0, 1)
+                return _Spatial(c)
             return c
 
         flat = {k: prepare(v) for k, v in cond.items()} if isinstance(cond, dict) else prepare(cond)
 
         def slicer(idx, device):
             def take(c):
+                if isinstance(c, _Spatial):
+                    return grid.gather(c.tensor, idx.to(c.tensor.device)).to(device)
                 return c[idx.to(c.device)].to(device) if torch.is_tensor(c) else c
             return {k: take(v) for k, v in flat.items()} if isinstance(flat, dict) else take(flat)
         return slicer
@@ -284,11 +299,11 @@ class PatchGroupSampler:
         # drawn over the padded size: a latent smaller than V gets i.i.d. noise in its padding, not a reflection
         hp, wp = grid.padded_size
         noise = torch.randn(b, y0.shape[1], hp, wp, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        y0_p = grid.patchify(y0).flatten(0, 1)
-        noise_p = PatchGrid.for_shape(hp, wp, grid.patch_size, grid.stride).patchify(
-            noise.to(y0.device, y0.dtype)).flatten(0, 1)
+        noise = noise.to(y0.device, y0.dtype)
+        noise_grid = PatchGrid.for_shape(hp, wp, grid.patch_size, grid.stride)  # same patches, nothing to pad
         cond_at = self._split_cond(cond, grid, b)
-        out = torch.empty_like(y0_p)
+        # patches are read from y0 and the noise batch by batch and blended in as they come (bounded memory)
+        blender = grid.blender(b, y0.shape[1], self.blend, self.blend_sigma, y0.device)
         groups_flat = groups.flatten()
         plan, counts = self._plan(groups_flat)
         devices = self.devices or [y0.device]
@@ -329,9 +344,11 @@ class PatchGroupSampler:
                     with lock:
                         stats['cond'] += 1
                 gen = torch.Generator().manual_seed(hash((seed, g, int(idx[0]))) % 2 ** 63)
-                x = denoise(net, y0_p[idx.to(y0_p.device)].to(dev), noise_p[idx.to(y0_p.device)].to(dev), c,
+                home = idx.to(y0.device)
+                x = denoise(net, grid.gather(y0, home).to(dev), noise_grid.gather(noise, home).to(dev), c,
                             self.timesteps[g], self.scheduler, self.prediction_type, self.eta, gen, on_step)
-                out[idx.to(out.device)] = x.to(out.device, out.dtype)
+                with lock:
+                    blender.add(home, x.to(y0.device, y0.dtype))
             stats['seconds'][f'{d}:{devices[d]}'] = time.perf_counter() - t0
 
         try:
@@ -342,7 +359,8 @@ class PatchGroupSampler:
         finally:
             if bar is not None:
                 bar.close()
-        x0 = grid.blend(out.view(b, grid.num_patches, *out.shape[1:]), self.blend, self.blend_sigma)
+        del noise
+        x0 = blender.result(y0.dtype)
         nfe_per_patch = torch.tensor(self.calls)[groups]
         nfe_total, nfe_uniform = self.nfe(groups)
         report = PGSReport(

@@ -31,10 +31,14 @@ def _work_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _low(x, levels):
-    """Low band of ``x`` (already in the work dtype): ``levels`` dilated binomial blurs, size preserved."""
+def _check_levels(levels):
     if not isinstance(levels, int) or levels < 0:
         raise ConfigError(f'wavelet levels must be an integer >= 0, got {levels!r}')
+
+
+def _low(x, levels):
+    """Low band of ``x`` (already in the work dtype): ``levels`` dilated binomial blurs, size preserved."""
+    _check_levels(levels)
     c = x.shape[1]
     kernel = (torch.tensor(_KERNEL, dtype=x.dtype, device=x.device) / 16).expand(c, 1, 3, 3)
     for i in range(levels):
@@ -55,19 +59,39 @@ def wavelet_decompose(x, levels=5):
     return (work - low).to(x.dtype), low.to(x.dtype)
 
 
-def wavelet_color_fix(sr, reference, levels=5):
+def wavelet_color_fix(sr, reference, levels=5, band=512):
     """``high(sr) + low(reference)``: the SR detail on the reference's colours, in ``sr``'s dtype and device.
 
     ``reference`` is the LR image upsampled (bicubic) to ``sr``'s size, same (B, C, H, W). The result is not
     clamped: it can leave [0, 1] slightly where SR detail sits on a saturated reference, so the caller clamps
     (as it would for any decoded image).
+
+    ``band`` (rows): a taller image is fixed in bands of this many rows, each read with a margin of the blur's
+    radius (2**levels - 1 rows) on both sides, so the work tensors are a band's, not the image's (an ×4 output of
+    16000×12000 would otherwise hold several 2.3 GB copies). The margin covers everything the blurs reach, so the
+    result is the same as in one pass. None: one pass.
     """
     _check_image('sr', sr)
     _check_image('reference', reference)
     if sr.shape != reference.shape:
         raise InputError(f'colour fix: reference is {tuple(reference.shape)} but sr is {tuple(sr.shape)}; '
                          'upsample the LR image to the SR size first')
-    work = _work_dtype(sr.dtype)
+    _check_levels(levels)
+    if band is not None and (not isinstance(band, int) or band < 1):
+        raise ConfigError(f'colour fix band must be an integer >= 1 or None, got {band!r}')
+    h, work = sr.shape[-2], _work_dtype(sr.dtype)
+    if band is None or h <= band:
+        return _fix(sr, reference, levels, work)
+    out = torch.empty_like(sr)
+    radius = 2 ** levels - 1
+    for top in range(0, h, band):
+        bottom = min(top + band, h)
+        a, b = max(0, top - radius), min(h, bottom + radius)
+        out[..., top:bottom, :] = _fix(sr[..., a:b, :], reference[..., a:b, :], levels, work)[..., top - a:bottom - a, :]
+    return out
+
+
+def _fix(sr, reference, levels, work):
     sr_w = sr.to(work)
     ref_w = reference.to(device=sr.device, dtype=work)
     return (sr_w - _low(sr_w, levels) + _low(ref_w, levels)).to(sr.dtype)

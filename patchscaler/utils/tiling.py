@@ -127,4 +127,4 @@ def tiled_apply(fn, x, tile, overlap, scale, multiple=1, progress=False):
                 bar.update()
     if bar is not None:
         bar.close()
-    return (acc / total.to(acc)).to(out_dtype)
+    return acc.div_(total.to(acc)).to(out_dtype)  # in place: no second output-sized tensor
