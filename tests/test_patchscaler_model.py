@@ -141,6 +141,44 @@ def test_checkpoints_round_trip_and_another_config_is_refused(tiny_patchscaler, 
         _model(bigger, tmp_path / 'other', is_train=False)
 
 
+def test_a_run_saved_on_a_gpu_resumes_on_a_cpu(tiny_patchscaler, tmp_path, monkeypatch):
+    """Resume across devices: the networks and training state of a GPU run (their storages tagged cuda:0, as a
+    GPU run writes the optimizers' state; forged here by tagging CPU tensors) load on a CPU-only machine the way
+    tools/train.py --auto_resume loads them, and training goes on from the same weights and Adam state."""
+    import torch.serialization
+
+    from patchscaler import compat
+    opt, _ = tiny_patchscaler
+    torch.manual_seed(0)
+    model = _model(opt, tmp_path)
+    for it in (1, 2, 3):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
+        model.save(0, 3)
+    state_path = tmp_path / 'states' / '3.state'
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match='CUDA'):
+            torch.load(state_path, weights_only=True)  # the file really asks for a GPU
+    resume_opt = dict(opt, auto_resume=False, num_gpu=0, path=dict(opt['path'], models=str(tmp_path / 'models'),
+                                                                     resume_state=str(state_path)))
+    state = compat.load_resume_state(resume_opt)  # also points the pretrain paths at net_*_3.pth (check_resume)
+    assert state['iter'] == 3 and resume_opt['path']['pretrain_network_dit'].endswith('net_dit_3.pth')
+    resumed = _model(resume_opt, tmp_path / 'resumed')
+    resumed.resume_training(state)
+    for a, b in zip(model.optimizers, resumed.optimizers):
+        moments = [(s['exp_avg'], t['exp_avg']) for s, t in zip(a.state.values(), b.state.values())]
+        assert moments and all(y.device.type == 'cpu' and torch.equal(x, y) for x, y in moments)
+    assert not _changed(_params(model.net_g), resumed.net_g) and not _changed(_params(model.net_grm), resumed.net_grm)
+    assert not _changed(_params(model.net_g_ema), resumed.net_g_ema)
+    for m in (model, resumed):  # the next step is the same on both
+        torch.manual_seed(4)
+        m.feed_data(_batch(4))
+        m.optimize_parameters(4)
+    assert not _changed(_params(model.net_g), resumed.net_g)
+
+
 def test_texture_encoder_runs_once_per_batch_of_patches_not_per_step(tiny_patchscaler, tmp_path):
     opt, _ = tiny_patchscaler
     model = _model(opt, tmp_path)

@@ -236,3 +236,44 @@ def test_bad_blend_window_is_a_config_error():
         grid.blend(patches, window='hann')
     with pytest.raises(ConfigError):
         grid.blend(patches, window='gaussian', sigma=0)
+
+
+# ---------------------------------------------------------------- streaming: gather and PatchBlender
+@pytest.mark.parametrize('h,w,v,stride', GRID_CASES)
+def test_gather_reads_the_same_patches_as_patchify(h, w, v, stride):
+    grid = PatchGrid.for_shape(h, w, v, stride)
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
+    flat = grid.patchify(x).flatten(0, 1)
+    idx = torch.randperm(len(flat), generator=torch.Generator().manual_seed(1))[:max(1, len(flat) // 2)]
+    assert torch.equal(grid.gather(x, idx), flat[idx])
+
+
+@pytest.mark.parametrize('h,w,v,stride', [(37, 29, 16, 8), (5, 40, 16, 8), (9, 30, 8, 3), (1, 1, 16, 8)])
+def test_blender_in_any_batches_gives_the_blend(h, w, v, stride):
+    """Patches added batch by batch in the blend's own order give exactly grid.blend; in a shuffled order (several
+    devices finishing in turn) the same up to float64 rounding."""
+    grid = PatchGrid.for_shape(h, w, v, stride)
+    g = torch.Generator().manual_seed(3)
+    patches = torch.randn(2, grid.num_patches, 3, v, v, generator=g)
+    ref = grid.blend(patches)
+    flat, n = patches.flatten(0, 1), 2 * grid.num_patches
+    for order, exact in ((torch.arange(n), True), (torch.randperm(n, generator=g), False)):
+        blender = grid.blender(2, 3)
+        for chunk in order.split(5):
+            blender.add(chunk, flat[chunk])
+        out = blender.result()
+        assert out.shape == (2, 3, h, w)
+        if exact:
+            assert torch.equal(out, ref)
+        else:
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_blender_refuses_a_result_with_missing_patches_and_wrong_shapes():
+    grid = PatchGrid.for_shape(24, 24, 16, 8)
+    blender = grid.blender(1, 2)
+    blender.add(torch.tensor([0, 1, 2]), torch.ones(3, 2, 16, 16))
+    with pytest.raises(InputError, match='no patch'):
+        blender.result()
+    with pytest.raises(InputError, match='patches of'):
+        blender.add(torch.tensor([3]), torch.ones(1, 3, 16, 16))

@@ -17,7 +17,7 @@ from patchscaler.sampling import (
     build_sampler,
     sample,
 )
-from patchscaler.sampling.schedules import DEFAULT_SCHEDULER, ddim_step
+from patchscaler.sampling.schedules import DEFAULT_SCHEDULER, ddim_step, denoise
 from patchscaler.utils.errors import ConfigError, InputError
 from patchscaler.utils.visualize import qmap_overlay
 
@@ -687,3 +687,34 @@ def test_denoiser_sees_the_callers_grad_mode_and_autocast_in_every_thread(device
     with torch.autocast('cpu', dtype=torch.bfloat16):
         sampler.sample(den, y0, mixed_confidence(), cond=x0)
     assert seen and all(s == (False, True, False) for s in seen)
+
+
+def test_pgs_streams_patches_instead_of_holding_them(monkeypatch):
+    """Bounded memory on large latents: the sampler never makes the full patch set of y0, the noise or the
+    conditioning (each 4x the latent at stride V/2); it reads each batch's patches and blends them in as they
+    come, with the result of the patch-set way of doing it (patchify, denoise each, blend)."""
+    _, y0 = latents()
+    conf = mixed_confidence()
+    sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, batch_size=5)
+    seen = []
+
+    def denoiser(x_t, t, cond):
+        seen.append(len(x_t))
+        return pixel_denoiser(x_t, t, cond)
+    with monkeypatch.context() as m:
+        m.setattr(PatchGrid, 'patchify', lambda *a, **k: pytest.fail('PGS patchified a whole tensor'))
+        m.setattr(PatchGrid, 'blend', lambda *a, **k: pytest.fail('PGS blended a full patch set'))
+        out, report = sampler.sample(denoiser, y0, conf, cond=y0, seed=3)
+    assert max(seen) <= 5 and report.denoiser_calls == len(seen)
+    grid = report.grid
+    # the same computation on the full patch set, one group at a time
+    noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(3))
+    y0_p, noise_p = grid.patchify(y0).flatten(0, 1), grid.patchify(noise).flatten(0, 1)
+    full = torch.empty_like(y0_p)
+    for g in range(3):
+        idx = torch.nonzero(report.groups.flatten() == g).flatten()
+        full[idx] = denoise(pixel_denoiser, y0_p[idx], noise_p[idx], y0_p[idx], sampler.timesteps[g],
+                            sampler.scheduler, sampler.prediction_type)
+    expected = grid.blend(full.view(len(y0), grid.num_patches, *full.shape[1:]))
+    assert (expected - y0).abs().max() > 0.1
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)

@@ -359,7 +359,7 @@ class PatchGroupSampler:
         finally:
             if bar is not None:
                 bar.close()
-        del noise
+        noise = None  # freed before the result is made (one latent less at the peak)
         x0 = blender.result(y0.dtype)
         nfe_per_patch = torch.tensor(self.calls)[groups]
         nfe_total, nfe_uniform = self.nfe(groups)

@@ -87,7 +87,8 @@ def wavelet_color_fix(sr, reference, levels=5, band=512):
     for top in range(0, h, band):
         bottom = min(top + band, h)
         a, b = max(0, top - radius), min(h, bottom + radius)
-        out[..., top:bottom, :] = _fix(sr[..., a:b, :], reference[..., a:b, :], levels, work)[..., top - a:bottom - a, :]
+        fixed = _fix(sr[..., a:b, :], reference[..., a:b, :], levels, work)
+        out[..., top:bottom, :] = fixed[..., top - a:bottom - a, :]
     return out
 
 
