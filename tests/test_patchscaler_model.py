@@ -208,6 +208,19 @@ def test_pipeline_without_prompt_and_grm_only(tiny_patchscaler, tmp_path):
     assert grm_only.report is None and 'pgs' not in grm_only.seconds and torch.equal(grm_only.sr, grm_only.grm)
 
 
+def test_pipeline_keep_latents_false_gives_the_same_image_and_lets_go_of_the_rest(tiny_patchscaler, tmp_path):
+    """tools/infer.py's lean call (large images): the same SR, confidence and report, no latents or bicubic kept."""
+    opt, _ = tiny_patchscaler
+    model = _model(opt, tmp_path)
+    lq, pipe = _batch(3)['lq'], model.pipeline()
+    full = pipe(lq, seed=1, return_grm=False)
+    lean = pipe(lq, seed=1, return_grm=False, keep_latents=False)
+    assert torch.equal(lean.sr, full.sr) and torch.equal(lean.confidence, full.confidence)
+    assert lean.report.nfe_total == full.report.nfe_total
+    assert full.y_hr is not None and full.y_lr is not None and full.bicubic is not None
+    assert lean.y_hr is None and lean.y_lr is None and lean.bicubic is None
+
+
 def test_pipeline_errors(tiny_patchscaler, tmp_path):
     opt, _ = tiny_patchscaler
     model = _model(opt, tmp_path)

@@ -277,3 +277,12 @@ def test_blender_refuses_a_result_with_missing_patches_and_wrong_shapes():
         blender.result()
     with pytest.raises(InputError, match='patches of'):
         blender.add(torch.tensor([3]), torch.ones(1, 3, 16, 16))
+
+
+def test_blender_result_is_made_once():
+    grid = PatchGrid.for_shape(16, 16, 16, 8)
+    blender = grid.blender(1, 1)
+    blender.add(torch.tensor([0]), torch.ones(1, 1, 16, 16))
+    assert torch.equal(blender.result(), torch.ones(1, 1, 16, 16))
+    with pytest.raises(RuntimeError, match='already'):
+        blender.result()

@@ -689,12 +689,13 @@ def test_denoiser_sees_the_callers_grad_mode_and_autocast_in_every_thread(device
     assert seen and all(s == (False, True, False) for s in seen)
 
 
-def test_pgs_streams_patches_instead_of_holding_them(monkeypatch):
+@pytest.mark.parametrize('h,w', [(24, 32), (5, 32)])  # (5, 32): a side below V, padded
+def test_pgs_streams_patches_instead_of_holding_them(monkeypatch, h, w):
     """Bounded memory on large latents: the sampler never makes the full patch set of y0, the noise or the
     conditioning (each 4x the latent at stride V/2); it reads each batch's patches and blends them in as they
     come, with the result of the patch-set way of doing it (patchify, denoise each, blend)."""
-    _, y0 = latents()
-    conf = mixed_confidence()
+    _, y0 = latents(h=h, w=w)
+    conf = mixed_confidence(h=h, w=w)
     sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, batch_size=5)
     seen = []
 
@@ -708,8 +709,9 @@ def test_pgs_streams_patches_instead_of_holding_them(monkeypatch):
     assert max(seen) <= 5 and report.denoiser_calls == len(seen)
     grid = report.grid
     # the same computation on the full patch set, one group at a time
-    noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(3))
-    y0_p, noise_p = grid.patchify(y0).flatten(0, 1), grid.patchify(noise).flatten(0, 1)
+    noise = torch.randn(*y0.shape[:2], *grid.padded_size, generator=torch.Generator().manual_seed(3))
+    noise_p = PatchGrid.for_shape(*grid.padded_size, V, STRIDE).patchify(noise).flatten(0, 1)
+    y0_p = grid.patchify(y0).flatten(0, 1)
     full = torch.empty_like(y0_p)
     for g in range(3):
         idx = torch.nonzero(report.groups.flatten() == g).flatten()

@@ -105,7 +105,10 @@ class PatchGrid:
         cols = torch.tensor(self.cols, device=device)[:, None] + ar  # (nx, V)
         return rows, cols
 
-    def _pad(self, x):
+    def pad(self, x):
+        """(B, C, h, w) -> (B, C, *padded_size): a side below V padded (reflect, else replicate); x itself when
+        nothing is padded."""
+        self.check(x)
         return pad_bottom_right(x, self.padded_size[0] - self.height, self.padded_size[1] - self.width)
 
     def check(self, x, name='latent'):
@@ -117,7 +120,7 @@ class PatchGrid:
         """(B, C, h, w) -> (B, M, C, V, V) overlapping patches (a gather; no copy of the loop in Python)."""
         self.check(x)
         rows, cols = self._flat_index(x.device)
-        p = self._pad(x)[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # (B, C, ny, nx, V, V)
+        p = self.pad(x)[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # (B, C, ny, nx, V, V)
         b, c, ny, nx, v, _ = p.shape
         return p.permute(0, 2, 3, 1, 4, 5).reshape(b, ny * nx, c, v, v)
 
@@ -130,7 +133,7 @@ class PatchGrid:
         ar = torch.arange(v, device=x.device)
         rows = torch.tensor(self.rows, device=x.device)[(idx % m) // len(self.cols)][:, None] + ar  # (n, V)
         cols = torch.tensor(self.cols, device=x.device)[(idx % m) % len(self.cols)][:, None] + ar  # (n, V)
-        p = self._pad(x)[(idx // m)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, V, V, C)
+        p = self.pad(x)[(idx // m)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, V, V, C)
         return p.permute(0, 3, 1, 2).contiguous()
 
     def blender(self, batch, channels, window='gaussian', sigma=0.1, device='cpu'):
@@ -222,9 +225,12 @@ class PatchBlender:
     def result(self, dtype=torch.float32):
         """(B, C, h, w) in ``dtype``: the weighted means. The sums are divided in place (the blender is spent)."""
         hp, wp = self.grid.padded_size
+        if self.num is None:
+            raise RuntimeError('PatchBlender.result was already called: the sums were divided in place')
         if not bool((self.den > 0).all()):
             raise InputError('PatchBlender.result: some latent pixels got no patch; add every patch of the grid')
         num = self.num.view(self.batch, self.channels, hp, wp).div_(self.den.view(self.batch, 1, hp, wp))
+        self.num = self.den = None
         return num[:, :, :self.grid.height, :self.grid.width].to(dtype)
 
 

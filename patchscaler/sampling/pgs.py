@@ -21,8 +21,8 @@ latent as they come (:class:`PatchBlender`): PGS holds y0, its noise and a float
 full set of patches (4× the latent at stride V/2), so its memory grows with the image, not with the overlap.
 
 Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then
-patchified, so overlapping patches see the same noise at the same pixel, the result does not depend on
-the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. Stochastic
+read patch by patch, so overlapping patches see the same noise at the same pixel, a patch's start does not
+depend on the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. Stochastic
 steps (η > 0, or a stochastic diffusers scheduler) draw from a generator seeded by (seed, group, first
 patch of the batch): seeded, but dependent on the batch size.
 
@@ -106,7 +106,7 @@ class PGSReport:
 
 
 class _Spatial:
-    """A spatial conditioning tensor, read patch by patch."""
+    """A spatial conditioning tensor (padded like y0 where the latent is below V), read patch by patch."""
 
     def __init__(self, tensor):
         self.tensor = tensor
@@ -210,15 +210,16 @@ class PatchGroupSampler:
                     raise InputError(f'spatial conditioning must be (B, C, h, w) with (B, h, w) = ({batch}, '
                                      f'{grid.height}, {grid.width}) like y0, got {tuple(c.shape)}; wrap per-patch '
                                      f'tensors in PerPatch')
-                return _Spatial(c)
+                return _Spatial(grid.pad(c))
             return c
 
         flat = {k: prepare(v) for k, v in cond.items()} if isinstance(cond, dict) else prepare(cond)
+        padded = PatchGrid.for_shape(*grid.padded_size, grid.patch_size, grid.stride)
 
         def slicer(idx, device):
             def take(c):
                 if isinstance(c, _Spatial):
-                    return grid.gather(c.tensor, idx.to(c.tensor.device)).to(device)
+                    return padded.gather(c.tensor, idx.to(c.tensor.device)).to(device)
                 return c[idx.to(c.device)].to(device) if torch.is_tensor(c) else c
             return {k: take(v) for k, v in flat.items()} if isinstance(flat, dict) else take(flat)
         return slicer
@@ -300,7 +301,9 @@ class PatchGroupSampler:
         hp, wp = grid.padded_size
         noise = torch.randn(b, y0.shape[1], hp, wp, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         noise = noise.to(y0.device, y0.dtype)
-        noise_grid = PatchGrid.for_shape(hp, wp, grid.patch_size, grid.stride)  # same patches, nothing to pad
+        # a latent below V is padded once here, not on every batch's read: patches come from the padded grid
+        padded = PatchGrid.for_shape(hp, wp, grid.patch_size, grid.stride)
+        y0_src = grid.pad(y0)
         cond_at = self._split_cond(cond, grid, b)
         # patches are read from y0 and the noise batch by batch and blended in as they come (bounded memory)
         blender = grid.blender(b, y0.shape[1], self.blend, self.blend_sigma, y0.device)
@@ -345,7 +348,7 @@ class PatchGroupSampler:
                         stats['cond'] += 1
                 gen = torch.Generator().manual_seed(hash((seed, g, int(idx[0]))) % 2 ** 63)
                 home = idx.to(y0.device)
-                x = denoise(net, grid.gather(y0, home).to(dev), noise_grid.gather(noise, home).to(dev), c,
+                x = denoise(net, padded.gather(y0_src, home).to(dev), padded.gather(noise, home).to(dev), c,
                             self.timesteps[g], self.scheduler, self.prediction_type, self.eta, gen, on_step)
                 with lock:
                     blender.add(home, x.to(y0.device, y0.dtype))
