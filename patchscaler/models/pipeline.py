@@ -287,9 +287,10 @@ class PatchScalerPipeline:
     def __call__(self, lq, refine=True, seed=None, return_grm=True, keep_latents=True):
         """SR of an LR batch (B, 3, h, w) in [0, 1]; ``refine=False`` stops after the GRM; ``return_grm`` also
         decodes y_HR (``PipelineOutput.grm``), outside the timed stages. ``keep_latents=False`` (tools/infer.py)
-        lets go of every intermediate as soon as it is used (y_LR after the GRM, y_HR after PGS, the bicubic
-        after the colour fix), so that ``y_hr``, ``y_lr`` and ``bicubic`` of the output are None: on a large image
-        each is as big as the output (the pixel-unshuffle latent) or a fraction of it (the SD VAE's)."""
+        lets go of every intermediate as soon as it is used (the bicubic after encoding, made again for the colour
+        fix; y_LR after the GRM; y_HR after PGS), so that ``y_hr``, ``y_lr`` and ``bicubic`` of the output are
+        None: on a large image each is as big as the output (the pixel-unshuffle latent) or a fraction of it (the
+        SD VAE's)."""
         if not torch.is_tensor(lq) or lq.dim() != 4 or lq.shape[1] != 3:
             got = tuple(lq.shape) if torch.is_tensor(lq) else type(lq).__name__
             raise InputError(f'expected an LR batch (B, 3, h, w), got {got}')
@@ -311,6 +312,8 @@ class PatchScalerPipeline:
         h, w = up.shape[-2:]
         d = self.autoencoder.downscale_factor
         y_lr = timed('encode', lambda: self.encode(pad_to_multiple(up, d)[0]))
+        if not keep_latents:
+            up = None  # made again from lq for the colour fix: one image-sized tensor less through GRM and PGS
         y_hr, confidence = y_lr, None
         if self.grm is not None:
             with self._autocast():
@@ -339,9 +342,7 @@ class PatchScalerPipeline:
         sr = timed('decode', lambda: self.decode(x_hr)[..., :h, :w])
         x_hr = None
         if report is not None and self.color_fix:  # the fix is for the diffusion stage's colour drift
-            sr = timed('color_fix', lambda: wavelet_color_fix(sr, up))
-        if not keep_latents:
-            up = None
+            sr = timed('color_fix', lambda: wavelet_color_fix(sr, upsample_lr(lq, self.scale) if up is None else up))
         grm_img = conf = None
         if return_grm and self.grm is not None:  # not timed: only validation and the comparison strips need it
             grm_img = (sr if report is None else self.decode(y_hr)[..., :h, :w]).clamp(0, 1)
