@@ -23,6 +23,16 @@ def _batch(seed=0, size=32):
     return {'lq': torch.nn.functional.interpolate(gt, scale_factor=0.25, mode='area'), 'gt': gt}
 
 
+def _trained(opt, tmp_path, iters):
+    """A model trained for ``iters`` iterations from seed 0 on the _batch(1..iters) batches."""
+    torch.manual_seed(0)
+    model = _model(opt, tmp_path)
+    for it in range(1, iters + 1):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+    return model
+
+
 def _params(net):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
@@ -116,11 +126,7 @@ def test_random_patches_are_aligned_crops():
 
 def test_checkpoints_round_trip_and_another_config_is_refused(tiny_patchscaler, tmp_path):
     opt, _ = tiny_patchscaler
-    torch.manual_seed(0)
-    model = _model(opt, tmp_path)
-    for it in (1, 2, 3):
-        model.feed_data(_batch(it))
-        model.optimize_parameters(it)
+    model = _trained(opt, tmp_path, 3)
     model.save(0, 3)
     models = tmp_path / 'models'
     assert {p.name for p in models.iterdir()} == {'net_grm_3.pth', 'net_dit_3.pth', 'net_texture_3.pth'}
@@ -149,11 +155,7 @@ def test_a_run_saved_on_a_gpu_resumes_on_a_cpu(tiny_patchscaler, tmp_path, monke
 
     from patchscaler import compat
     opt, _ = tiny_patchscaler
-    torch.manual_seed(0)
-    model = _model(opt, tmp_path)
-    for it in (1, 2, 3):
-        model.feed_data(_batch(it))
-        model.optimize_parameters(it)
+    model = _trained(opt, tmp_path, 3)
     with monkeypatch.context() as m:
         m.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
         model.save(0, 3)
