@@ -240,12 +240,19 @@ def test_bad_blend_window_is_a_config_error():
 
 # ---------------------------------------------------------------- streaming: gather and PatchBlender
 @pytest.mark.parametrize('h,w,v,stride', GRID_CASES)
-def test_gather_reads_the_same_patches_as_patchify(h, w, v, stride):
+def test_gather_reads_the_patches_by_flat_index(h, w, v, stride):
+    """Patch i is image i // M, patch row (i % M) // cols, patch column (i % M) % cols of the padded latent
+    (patchify is gather of every index, so this also pins down patchify's order)."""
     grid = PatchGrid.for_shape(h, w, v, stride)
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
-    flat = grid.patchify(x).flatten(0, 1)
-    idx = torch.randperm(len(flat), generator=torch.Generator().manual_seed(1))[:max(1, len(flat) // 2)]
-    assert torch.equal(grid.gather(x, idx), flat[idx])
+    m, nx, padded = grid.num_patches, len(grid.cols), grid.pad(x)
+    idx = torch.randperm(2 * m, generator=torch.Generator().manual_seed(1))[:max(1, m)]
+
+    def box(i):
+        top, left = grid.rows[(i % m) // nx], grid.cols[(i % m) % nx]
+        return padded[i // m, :, top:top + v, left:left + v]
+    expected = torch.stack([box(i) for i in idx.tolist()])
+    assert torch.equal(grid.gather(x, idx), expected)
 
 
 @pytest.mark.parametrize('h,w,v,stride', [(37, 29, 16, 8), (5, 40, 16, 8), (9, 30, 8, 3), (1, 1, 16, 8)])

@@ -98,13 +98,6 @@ class PatchGrid:
         v = self.patch_size
         return [(y, x, min(y + v, self.height), min(x + v, self.width)) for y in self.rows for x in self.cols]
 
-    def _flat_index(self, device):
-        v = self.patch_size
-        ar = torch.arange(v, device=device)
-        rows = torch.tensor(self.rows, device=device)[:, None] + ar  # (ny, V)
-        cols = torch.tensor(self.cols, device=device)[:, None] + ar  # (nx, V)
-        return rows, cols
-
     def pad(self, x):
         """(B, C, h, w) -> (B, C, *padded_size): a side below V padded (reflect, else replicate); x itself when
         nothing is padded."""
@@ -117,12 +110,10 @@ class PatchGrid:
                              f'got {tuple(x.shape)}')
 
     def patchify(self, x):
-        """(B, C, h, w) -> (B, M, C, V, V) overlapping patches (a gather; no copy of the loop in Python)."""
+        """(B, C, h, w) -> (B, M, C, V, V): every overlapping patch (:meth:`gather` of all of them)."""
         self.check(x)
-        rows, cols = self._flat_index(x.device)
-        p = self.pad(x)[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # (B, C, ny, nx, V, V)
-        b, c, ny, nx, v, _ = p.shape
-        return p.permute(0, 2, 3, 1, 4, 5).reshape(b, ny * nx, c, v, v)
+        b, c, v = x.shape[0], x.shape[1], self.patch_size
+        return self.gather(x, torch.arange(b * self.num_patches, device=x.device)).view(b, self.num_patches, c, v, v)
 
     def gather(self, x, idx):
         """Patches ``idx`` (flat indices over (B, M), i.e. b·M + m) of ``x`` (B, C, h, w) as (n, C, V, V), read
