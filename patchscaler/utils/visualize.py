@@ -41,6 +41,39 @@ def labelled_strip(images, labels, height=None):
 GROUP_COLOURS_BGR = ((80, 175, 76), (59, 193, 255), (54, 67, 244), (176, 39, 156), (136, 150, 0))  # green, amber, red…
 
 
+def group_panel(image_bgr, groups, grid, alpha=0.45):
+    """The image with each pixel tinted by its patch's PGS group (green simple, amber medium, red hard, …) and
+    one-pixel patch borders; ``groups`` (M,) per patch of ``grid``, each pixel showing the nearest-centre patch."""
+    image_bgr = _bgr(image_bgr)
+    size = (image_bgr.shape[1], image_bgr.shape[0])
+    owner = grid.owner_map().numpy()
+    g = np.asarray(groups).reshape(-1)[owner]
+    colours = np.array([GROUP_COLOURS_BGR[i % len(GROUP_COLOURS_BGR)] for i in range(int(g.max()) + 1)], np.uint8)
+    group_img = cv2.resize(colours[g], size, interpolation=cv2.INTER_NEAREST)
+    panel = cv2.addWeighted(image_bgr, 1 - alpha, group_img, alpha, 0)
+    # one-pixel patch borders at the picture's resolution, so a reader sees the V×V grid
+    big = cv2.resize(owner.astype(np.int32), size, interpolation=cv2.INTER_NEAREST)
+    edges = np.zeros(big.shape, bool)
+    edges[:, 1:] |= big[:, 1:] != big[:, :-1]
+    edges[1:, :] |= big[1:, :] != big[:-1, :]
+    panel[edges] = (panel[edges] * 0.4).astype(np.uint8)
+    return panel
+
+
+def group_legend(groups, group_names=None):
+    """'simple 40% / medium 30% / hard 30%': each group's share of the patches."""
+    flat = np.asarray(groups).reshape(-1)
+    n = int(flat.size)
+    names = group_names or [f'group{i}' for i in range(int(flat.max()) + 1)]
+    counts = [int((flat == i).sum()) for i in range(len(names))]
+    return ' / '.join(f'{name} {100 * c / max(n, 1):.0f}%' for name, c in zip(names, counts))
+
+
+def _bgr(image_bgr):
+    image_bgr = np.ascontiguousarray(image_bgr)
+    return cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR) if image_bgr.ndim == 2 else image_bgr
+
+
 def qmap_overlay(image_bgr, qmap, groups, grid, group_names=None, alpha=0.45):
     """A PNG-ready strip: the image | Qmap over it (viridis) | PGS groups over it, with each group's share.
 
@@ -49,26 +82,11 @@ def qmap_overlay(image_bgr, qmap, groups, grid, group_names=None, alpha=0.45):
     ``report.qmap[0]`` and ``report.groups[0]`` from the sampler. Each pixel shows the patch whose centre is
     nearest, so overlapping patches tile the picture without double drawing.
     """
-    image_bgr = np.ascontiguousarray(image_bgr)
-    if image_bgr.ndim == 2:
-        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR)
+    image_bgr = _bgr(image_bgr)
     size = (image_bgr.shape[1], image_bgr.shape[0])
-    owner = grid.owner_map().numpy()
-    q = np.asarray(qmap, dtype=np.float32).reshape(-1)[owner]
-    g = np.asarray(groups).reshape(-1)[owner]
+    q = np.asarray(qmap, dtype=np.float32).reshape(-1)[grid.owner_map().numpy()]
     heat = confidence_to_bgr(np.nan_to_num(q, nan=0.0), size)
-    colours = np.array([GROUP_COLOURS_BGR[i % len(GROUP_COLOURS_BGR)] for i in range(int(g.max()) + 1)], np.uint8)
-    group_img = cv2.resize(colours[g], size, interpolation=cv2.INTER_NEAREST)
     q_panel = cv2.addWeighted(image_bgr, 1 - alpha, heat, alpha, 0)
-    g_panel = cv2.addWeighted(image_bgr, 1 - alpha, group_img, alpha, 0)
-    # one-pixel patch borders at the picture's resolution, so a reader sees the V×V grid
-    big = cv2.resize(owner.astype(np.int32), size, interpolation=cv2.INTER_NEAREST)
-    edges = np.zeros(big.shape, bool)
-    edges[:, 1:] |= big[:, 1:] != big[:, :-1]
-    edges[1:, :] |= big[1:, :] != big[:-1, :]
-    g_panel[edges] = (g_panel[edges] * 0.4).astype(np.uint8)
-    n = int(np.asarray(groups).size)
-    names = group_names or [f'group{i}' for i in range(len(colours))]
-    counts = [int((np.asarray(groups).reshape(-1) == i).sum()) for i in range(len(names))]
-    legend = ' / '.join(f'{name} {100 * c / max(n, 1):.0f}%' for name, c in zip(names, counts))
-    return labelled_strip([image_bgr, q_panel, g_panel], ['image', 'Qmap (mean C per patch)', legend])
+    g_panel = group_panel(image_bgr, groups, grid, alpha)
+    return labelled_strip([image_bgr, q_panel, g_panel], ['image', 'Qmap (mean C per patch)',
+                                                          group_legend(groups, group_names)])
