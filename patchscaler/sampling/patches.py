@@ -213,15 +213,22 @@ class PatchBlender:
         self.den.index_add_(0, ((idx // m * hp * wp)[:, None, None] + at).reshape(-1),
                             self.weight.expand(len(idx), v, v).reshape(-1))
 
-    def result(self, dtype=torch.float32):
-        """(B, C, h, w) in ``dtype``: the weighted means. The sums are divided in place (the blender is spent)."""
+    def result(self, dtype=torch.float32, partial=False):
+        """(B, C, h, w) in ``dtype``: the weighted means. The sums are divided in place (the blender is spent).
+
+        ``partial``: some pixels may have got no patch (overlap fusion blends only the patches active at a step):
+        returns (means over the padded latent (B, C, hp, wp), zero where uncovered; covered (B, 1, hp, wp) bool)."""
         hp, wp = self.grid.padded_size
         if self.num is None:
             raise RuntimeError('PatchBlender.result was already called: the sums were divided in place')
-        if not bool((self.den > 0).all()):
+        den = self.den.view(self.batch, 1, hp, wp)
+        covered = den > 0
+        if not partial and not bool(covered.all()):
             raise InputError('PatchBlender.result: some latent pixels got no patch; add every patch of the grid')
-        num = self.num.view(self.batch, self.channels, hp, wp).div_(self.den.view(self.batch, 1, hp, wp))
+        num = self.num.view(self.batch, self.channels, hp, wp).div_(den.clamp_min(torch.finfo(den.dtype).tiny))
         self.num = self.den = None
+        if partial:
+            return num.to(dtype), covered
         return num[:, :, :self.grid.height, :self.grid.width].to(dtype)
 
 

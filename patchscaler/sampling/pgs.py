@@ -46,6 +46,7 @@ import torch
 from ..registry import SAMPLERS
 from ..utils.device import placement
 from ..utils.errors import ConfigError, InputError
+from .fusion import check_fusable, fused_walk
 from .grouping import GroupAssigner, check_confidence
 from .patches import PatchGrid, blend_window
 from .schedules import (
@@ -158,11 +159,14 @@ class PatchGroupSampler:
             (default: the hardest group's N, i.e. every patch treated as hard — the paper's "unified" setting).
         devices (list), device_groups (list of lists): group-parallel sampling, see the module docstring.
         progress (bool): a tqdm bar over denoiser calls.
+        fuse_overlaps (bool): walk the timesteps in step and fuse overlapping patches at every step where they
+            share a timestep (:mod:`patchscaler.sampling.fusion`); False: each patch's whole schedule on its own,
+            blended once at the end. The same NFE either way.
     """
 
     def __init__(self, patch_size=16, stride=None, groups=PAPER_GROUPS, grouping=None, scheduler=None,
                  prediction_type=None, eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
-                 uniform_steps=None, devices=None, device_groups=None, progress=False):
+                 uniform_steps=None, devices=None, device_groups=None, progress=False, fuse_overlaps=False):
         self.groups = _parse_groups(groups)
         self.scheduler, prediction_type = build_scheduler(scheduler, prediction_type)
         t_max = int(self.scheduler.config.num_train_timesteps)
@@ -190,6 +194,9 @@ class PatchGroupSampler:
                                   f'one list per device, got {device_groups} for devices {devices}')
         self.device_groups = device_groups
         self.progress = progress
+        self.fuse_overlaps = bool(fuse_overlaps)
+        if self.fuse_overlaps:
+            check_fusable(self.scheduler, self.devices)
         n = len(self.groups)
         self.group_names = GROUP_NAMES.get(n, tuple(f'group{g}' for g in range(n)))
 
@@ -354,8 +361,30 @@ class PatchGroupSampler:
                     blender.add(home, x.to(y0.device, y0.dtype))
             stats['seconds'][f'{d}:{devices[d]}'] = time.perf_counter() - t0
 
+        def run_fused():
+            t0, net, dev = time.perf_counter(), nets[0], torch.device(devices[0])
+            batches = {g: [idx.to(y0.device) for gg, idx in plan[0] if gg == g] for g in range(len(self.groups))}
+            conds = {}
+            for g, idxs in batches.items():
+                conds[g] = []
+                for idx in idxs:
+                    c = cond_at(idx, dev)
+                    if prepare_cond is not None:
+                        c = prepare_cond(c, denoiser=net) if takes_net else prepare_cond(c)
+                        stats['cond'] += 1
+                    conds[g].append(c)
+            timesteps = [ts if batches[g] else [] for g, ts in enumerate(self.timesteps)]
+            for line, x in fused_walk(net, padded, y0_src, noise, batches, conds, timesteps, self.scheduler,
+                                      self.prediction_type, self.eta, self.blend, self.blend_sigma, seed, on_step):
+                for g in line:
+                    for idx in batches[g]:
+                        blender.add(idx, padded.gather(x, idx).to(y0.dtype))
+            stats['seconds'][f'0:{devices[0]}'] = time.perf_counter() - t0
+
         try:
-            if len(plan) == 1:
+            if self.fuse_overlaps:
+                run_fused()
+            elif len(plan) == 1:
                 run_batches(0, torch.device(devices[0]))
             else:
                 self._run_threads(run_device, len(plan))
