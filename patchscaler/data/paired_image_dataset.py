@@ -5,9 +5,16 @@ right, a missing GT folder is allowed (real LR test sets: images are written, re
 no-reference metrics come with the metrics issue), a GT whose size is
 not exactly ``scale`` × LR is cropped to it, and an unreadable file does not stop the run: the item comes
 back with an ``error`` entry, the model skips it and lists it at the end.
+
+``dataroot_labels`` (optional): a folder of class maps, one single-channel uint8 PNG per HR image with the
+same name (the known-answer task's, ``datasets/make_texture_task.py``); items then carry ``labels``, a (H, W)
+uint8 tensor cropped like the GT, which ``tools/evaluate_detail.py`` scores per class.
 """
 import os
 
+import cv2
+import numpy as np
+import torch
 from basicsr.utils import img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
@@ -24,8 +31,9 @@ def _stem(key):
 class PairedSRDataset(data.Dataset):
     """Options: dataroot_lq (folder or .lmdb), dataroot_gt (optional), scale, meta_info (optional, LR side)."""
 
-    OPTION_KEYS = {'name', 'type', 'phase', 'scale', 'dataroot_lq', 'dataroot_gt', 'meta_info', 'io_backend',
-                   'num_worker_per_gpu', 'batch_size_per_gpu', 'filename_tmpl', 'prefetch_mode', 'pin_memory'}
+    OPTION_KEYS = {'name', 'type', 'phase', 'scale', 'dataroot_lq', 'dataroot_gt', 'dataroot_labels', 'meta_info',
+                   'io_backend', 'num_worker_per_gpu', 'batch_size_per_gpu', 'filename_tmpl', 'prefetch_mode',
+                   'pin_memory'}
 
     def __init__(self, opt):
         super().__init__()
@@ -40,6 +48,11 @@ class PairedSRDataset(data.Dataset):
             if missing:
                 raise DataError(f'{len(missing)} LR image(s) have no GT of the same name in {opt["dataroot_gt"]}, '
                                 f'e.g. {missing[0]}')
+        self.labels = opt.get('dataroot_labels')
+        if self.labels is not None and not os.path.isdir(self.labels):
+            raise DataError(f'dataroot_labels: folder not found: {self.labels}')
+        if self.labels is not None and self.gt is None:
+            raise DataError('dataroot_labels needs dataroot_gt: the class maps label the HR pixels')
 
     def __len__(self):
         return len(self.lq)
@@ -56,6 +69,18 @@ class PairedSRDataset(data.Dataset):
                 if gt.shape[0] < h or gt.shape[1] < w:
                     raise DataError(f'GT of {name} is {gt.shape[1]}x{gt.shape[0]}, smaller than scale x LR ({w}x{h})')
                 item['gt'] = img2tensor([gt[:h, :w]], bgr2rgb=True, float32=True)[0]
+                if self.labels is not None:
+                    item['labels'] = torch.from_numpy(self._read_labels(name, (h, w)))
         except DataError as e:
             item = {'lq_path': name, 'error': str(e)}
         return item
+
+    def _read_labels(self, name, size):
+        path = os.path.join(self.labels, _stem(name) + '.png')
+        labels = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
+        if labels is None or labels.ndim != 2:
+            raise DataError(f'{path}: no single-channel class map for {name}')
+        if labels.shape[0] < size[0] or labels.shape[1] < size[1]:
+            raise DataError(f'{path}: class map {labels.shape[1]}x{labels.shape[0]} is smaller than the GT '
+                            f'{size[1]}x{size[0]}')
+        return np.ascontiguousarray(labels[:size[0], :size[1]])

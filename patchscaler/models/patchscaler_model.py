@@ -51,6 +51,9 @@ from patchscaler.models.pipeline import (
 )
 from patchscaler.models.validation import (
     STAGE_SUFFIXES,
+    add_detail,
+    detail_scores,
+    log_detail,
     log_metrics,
     log_pgs,
     log_x0_errors,
@@ -59,7 +62,7 @@ from patchscaler.models.validation import (
     x0_errors,
     x0_timesteps,
 )
-from patchscaler.sampling.schedules import q_sample
+from patchscaler.sampling.schedules import loss_weights, q_sample
 from patchscaler.utils.checkpoint import load_weights
 from patchscaler.utils.errors import ConfigError, InputError, TrainingError
 
@@ -91,7 +94,7 @@ class PatchScalerModel(BaseModel):
     method_name = 'PatchScaler (PGS)'  # the label of the final SR in the validation strips
     TRAIN_OPTION_KEYS = {'stage', 'total_iter', 'warmup_iter', 'optim_grm', 'optim_g', 'scheduler', 'confidence_opt',
                          'x0_opt', 'grad_clip', 'gt_size', 'grm_iters', 'patches_per_image', 'ema_decay', 'autocast',
-                         'max_nonfinite_steps'}
+                         'max_nonfinite_steps', 'loss_weighting'}
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -220,6 +223,8 @@ class PatchScalerModel(BaseModel):
     def _init_diffusion_training(self, train_opt):
         self._init_patch_count(train_opt, 8, 'patches Patch-DiT trains on')
         self.cri_x0 = build_loss(dict(train_opt.get('x0_opt', {'type': 'MSELoss'}))).to(self.device)
+        self.loss_weighting = train_opt.get('loss_weighting')
+        loss_weights(torch.ones(1), self.loss_weighting)  # a bad weighting is an error now, not at iteration 1
         if 'optim_g' not in train_opt:
             raise ConfigError("train.stage 'full' needs train.optim_g (Patch-DiT + texture encoder optimizer)")
         optim_opt = dict(train_opt['optim_g'])
@@ -288,7 +293,11 @@ class PatchScalerModel(BaseModel):
             cond['priors'], cond['similarities'] = self.rtm.query(y0)  # encoded inside the (DDP) forward
         with self._autocast():
             pred = self.net_g(x_t, t, cond)
-        l_x0 = self.cri_x0(pred.float(), x0)
+        if self.loss_weighting is None:
+            l_x0 = self.cri_x0(pred.float(), x0)
+        else:  # BasicSR's weighted loss: the weighted mean over the batch
+            weight = loss_weights(a_bar.flatten(), self.loss_weighting).view(-1, 1, 1, 1)
+            l_x0 = self.cri_x0(pred.float(), x0, weight=weight.expand(-1, 1, *x0.shape[-2:]))
         self._step_denoiser(l_x0)
         # l_x0_coarse: the same loss for x0 = y0, what Patch-DiT must beat
         return OrderedDict(l_x0=l_x0.detach(), l_x0_coarse=F.mse_loss(y0, x0).detach())
@@ -349,6 +358,7 @@ class PatchScalerModel(BaseModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         table = MetricTable(self.opt['val'].get('metrics'))
+        detail = detail_scores(self, dataloader.dataset.opt)
         max_images = self.opt['val'].get('max_images')  # under DDP the other ranks wait: keep validation short
         skipped, pgs_counts, nfe_done, seconds, images, x0_sums = [], [], 0, 0.0, 0, []
         for val_data in tqdm(dataloader, desc=f'val {dataset_name}', unit='img', leave=False,
@@ -377,6 +387,7 @@ class PatchScalerModel(BaseModel):
             table.add(name, outputs, tensor2img([visuals['gt']]) if 'gt' in visuals else None)
             if 'gt' in visuals and self.net_g is not None:
                 x0_sums.append(self.x0_errors())
+            add_detail(self, detail, visuals, sr_img, val_data.get('labels'))
         if skipped:
             get_root_logger().warning(f'{dataset_name}: skipped {len(skipped)} unreadable image(s):\n  ' +
                                       '\n  '.join(skipped))
@@ -384,6 +395,7 @@ class PatchScalerModel(BaseModel):
         log_metrics(self, current_iter, dataset_name, tb_logger)
         if not self.opt['is_train'] and table.metrics and table.rows:
             save_metric_table(self, table, dataset_name)
+        log_detail(detail, dataset_name, current_iter, tb_logger)
         if x0_sums:
             log_x0_errors(torch.stack(x0_sums).nanmean(0), self.x0_timesteps(), dataset_name, current_iter, tb_logger)
         if pgs_counts:

@@ -133,6 +133,58 @@ def log_pgs(sampler, groups, dataset_name, current_iter, tb_logger, nfe_done=Non
             tb_logger.add_scalar(f'pgs/{dataset_name}/seconds_per_image', seconds / images, current_iter)
 
 
+def detail_scores(model, dataset_opt):
+    """A :class:`~patchscaler.metrics.detail.DetailScores` for one validation set (per class when it has class
+    maps), or None when the model has no diffusion stage to judge."""
+    from patchscaler.metrics.detail import DetailScores, load_classes
+    if model.net_g is None or model.sampler is None:
+        return None
+    classes, flat_class = load_classes(dataset_opt) if dataset_opt.get('dataroot_labels') else (None, 0)
+    scores = DetailScores(model.scale, classes, len(model.sampler.groups))
+    scores.flat_class = flat_class
+    return scores
+
+
+def add_detail(model, scores, visuals, sr_img, labels=None):
+    """Score the last validation image: PatchScaler, the GRM and bicubic against the HR, on the PGS grading."""
+    if scores is None or 'gt' not in visuals or model.pgs_groups is None:
+        return
+    groups, _, _, grid = model.pgs_groups
+    images = {'PGS': sr_img, 'GRM': tensor2img([visuals['grm']]), 'bicubic': tensor2img([visuals['bicubic']])}
+    nfe = {'PGS': model.report.nfe_total} if model.report is not None else None
+    scores.add_image(images, tensor2img([visuals['gt']]), groups[0].numpy(), grid, model.autoencoder.downscale_factor,
+                     labels=None if labels is None else labels[0].numpy(), classes=scores.classes,
+                     flat_class=scores.flat_class, nfe=nfe)
+
+
+def log_detail(scores, dataset_name, current_iter, tb_logger):
+    """One line per output of the detail measures (:mod:`patchscaler.metrics.detail`), per class on labelled sets."""
+    if scores is None or not scores.images:
+        return
+    r = scores.result()
+
+    def fmt(row):
+        parts = [f'PSNR {row["psnr"]:.2f}', f'simple {row["psnr_simple"]:.2f}', f'HF {row["hf_energy_ratio"]:.3f}',
+                 f'spectrum {row["spectrum_distance_db"]:.2f} dB']
+        if row.get('niqe') is not None:
+            parts.append(f'NIQE {row["niqe"]:.2f}')
+        return ', '.join(parts)
+    lines = [f'Detail on {dataset_name} (RGB, crop 4; simple = pixels of simple-group patches):']
+    lines += [f'\t # {name}: {fmt(row)}' for name, row in r['outputs'].items()]
+    for cls, rows in r.get('classes', {}).items():
+        lines.append(f'\t # class {cls}: ' + '; '.join(
+            f'{name} PSNR {v["psnr"]:.2f} HF {v["hf_energy_ratio"]:.3f} spectrum {v["spectrum_distance_db"]:.2f} dB'
+            for name, v in rows.items()))
+    if 'flat_patches' in r:
+        lines.append(f'\t # flat patches graded simple: {100 * r["flat_patches_simple"]:.1f} % of {r["flat_patches"]}')
+    get_root_logger().info('\n'.join(lines))
+    if tb_logger:
+        for name, row in r['outputs'].items():
+            for key in ('psnr', 'psnr_simple', 'hf_energy_ratio', 'spectrum_distance_db', 'niqe'):
+                if row.get(key) is not None and row[key] == row[key]:
+                    tb_logger.add_scalar(f'detail/{dataset_name}/{name}/{key}', row[key], current_iter)
+
+
 def save_visuals(model, visuals, sr_img, name, dataset_name, current_iter):
     """SR image, confidence map, a strip (bicubic / GRM / PatchScaler / HR / confidence), the Qmap overlay; the
     pieces a model does not have (no GRM: no confidence) are left out."""

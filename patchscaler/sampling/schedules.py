@@ -143,6 +143,38 @@ def training_target(x0, noise, a_bar, prediction_type):
     raise ConfigError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}')
 
 
+LOSS_WEIGHTINGS = ('none', 'min_snr')
+
+
+def loss_weights(a_bar, weighting=None, prediction_type='sample'):
+    """Per-sample weights of the diffusion loss at noise levels ``a_bar`` (ᾱ_t, a tensor).
+
+    ``weighting``: None / ``{type: none}`` (every t alike: the plain x0 / ε / v objective) or
+    ``{type: min_snr, gamma: γ}``, Min-SNR-γ (Hang et al., ICCV 2023, Eq. 8 and its table of equivalent forms):
+    the x0 objective weighted by min(SNR_t, γ), SNR_t = ᾱ_t / (1 - ᾱ_t); for the ε objective that is
+    min(SNR_t, γ) / SNR_t, for v min(SNR_t, γ) / (SNR_t + 1). It stops the nearly noise-free steps from dominating
+    ε training and, for an x0 model, the nearly pure-noise steps (where the best x0 is the coarse y0 anyway) from
+    taking the capacity that the last, low-noise steps need."""
+    kind = (weighting or {}).get('type', 'none') if isinstance(weighting, dict) else (weighting or 'none')
+    if kind not in LOSS_WEIGHTINGS:
+        raise ConfigError(f'loss weighting type must be one of {LOSS_WEIGHTINGS}, got {kind!r}')
+    if kind == 'none':
+        return torch.ones_like(a_bar)
+    unknown = set(weighting) - {'type', 'gamma'}
+    if unknown:
+        raise ConfigError(f'min_snr weighting takes only gamma, got {sorted(unknown)}')
+    gamma = float(weighting.get('gamma', 5.0))
+    if not gamma > 0:
+        raise ConfigError(f'min_snr gamma must be > 0, got {gamma}')
+    snr = a_bar / (1 - a_bar).clamp_min(1e-12)
+    w = snr.clamp(max=gamma)
+    if prediction_type == 'epsilon':
+        return w / snr
+    if prediction_type == 'v_prediction':
+        return w / (snr + 1)
+    return w
+
+
 def ddim_step(model_output, sample, a_t, a_prev, prediction_type='sample', eta=0.0, noise=None,
               clip_range=None):
     """One DDIM update x_t -> x_prev (Song et al., Eq. 12) from ᾱ_t and ᾱ_prev; η = 0 is deterministic."""
