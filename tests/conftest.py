@@ -78,3 +78,28 @@ def tiny_patchscaler(tmp_path):
                       'groups': [{'tau': 400, 'steps': 2}, {'tau': 700, 'steps': 3}, {'tau': 1000, 'steps': 4}]}
     opt['train'].update(gt_size=32, patches_per_image=2, grm_iters=2, total_iter=4)
     return opt, rtm
+
+
+@pytest.fixture
+def trained(tiny_patchscaler, tmp_path):
+    """A test option file whose networks have (random, perturbed) weights saved the way training saves them."""
+    import torch
+    import yaml
+    from basicsr.archs import build_network
+    opt, _ = tiny_patchscaler
+    models = tmp_path / 'run' / 'models'
+    models.mkdir(parents=True)
+    torch.manual_seed(0)
+    for name in ('grm', 'dit', 'texture'):
+        net = build_network(dict(opt[f'network_{name}']))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        state = net.state_dict()
+        torch.save({'params': state, 'params_ema': state}, models / f'net_{name}_latest.pth')
+    test = {k: opt[k] for k in ('scale', 'autoencoder', 'network_grm', 'network_dit', 'network_texture', 'rtm',
+                                'sampler')}
+    test['path'] = {f'pretrain_network_{n}': str(models / f'net_{n}_latest.pth') for n in ('grm', 'dit', 'texture')}
+    path = tmp_path / 'test.yml'
+    path.write_text(yaml.safe_dump(test))
+    return str(path), tmp_path / 'run'
