@@ -85,3 +85,27 @@ def test_evaluate_detail_needs_a_diffusion_stage(trained, tmp_path):
     proc = subprocess.run([sys.executable, TOOL, '-opt', str(path), '--no-progress'], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and 'no diffusion stage' in proc.stderr
+
+
+def test_aggregate_gives_mean_and_std_over_runs(tmp_path):
+    runs = []
+    for i, psnr in enumerate((30.0, 32.0)):
+        result = {'seed': 0, 'sets': {'s': {'images': 2, 'group_shares': [0.5 + 0.1 * i, 0.5 - 0.1 * i],
+                                            'flat_patches': 4, 'flat_patches_simple': 1.0 - 0.25 * i,
+                                            'outputs': {'GRM': {'psnr': 28.0}, 'PGS': {'psnr': psnr, 'niqe': None}},
+                                            'classes': {'flat': {'GRM': {'psnr': 40.0, 'hf_energy_ratio': None,
+                                                                         'spectrum_distance_db': None}}}}}}
+        (tmp_path / f'r{i}').mkdir()
+        (tmp_path / f'r{i}' / 'detail.json').write_text(json.dumps(result))
+        runs.append(str(tmp_path / f'r{i}'))
+    proc = subprocess.run([sys.executable, TOOL, '--aggregate', *runs, '-o', str(tmp_path / 'agg')],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    agg = json.loads((tmp_path / 'agg' / 'detail.json').read_text())
+    s = agg['sets']['s']
+    assert s['outputs']['GRM']['psnr'] == 28.0  # the same in every run: kept as it is
+    assert s['outputs']['PGS']['psnr'] == {'mean': 31.0, 'std': pytest.approx(2 ** 0.5), 'n': 2}
+    assert agg['runs'] == 2 and '| PGS | 31.00 ± 1.41 |' in proc.stdout and '87.5 ± 17.7 % of 4' in proc.stdout
+    missing = subprocess.run([sys.executable, TOOL, '--aggregate', str(tmp_path / 'nowhere')], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and 'detail.json not found' in missing.stderr

@@ -7,6 +7,7 @@ texture prompt, on the datasets of a test option file (see patchscaler/compare/d
         --no-prompt-opt options/texture_task/test_patchscaler_texture_noprompt.yml
 
 Writes <out>/detail.md (also printed), detail.json and strip_<set>.png (default out: results/<name>_detail).
+Several runs (e.g. one per training seed) as mean ± std: --aggregate OUT1 OUT2 ... -o OUT (detail.md, detail.json).
 """
 import argparse
 import os.path as osp
@@ -20,8 +21,9 @@ from patchscaler.utils.errors import PatchScalerError  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('-opt', '--opt', required=True, help='PatchScaler test option file (networks, weights, sampler, '
-                   'datasets)')
+    p.add_argument('-opt', '--opt', help='PatchScaler test option file (networks, weights, sampler, datasets)')
+    p.add_argument('--aggregate', nargs='+', metavar='OUT', help='output folders of earlier runs: their detail.json '
+                   'as mean ± std (no evaluation)')
     p.add_argument('--ckpt', default=None, help='a training run (experiments/NAME): its latest networks replace the '
                    'file\'s weights')
     p.add_argument('--no-prompt-opt', default=None, help='test file of a model trained without the texture prompt')
@@ -36,6 +38,10 @@ def main(argv=None):
                    'hardest group\'s)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
+    if args.aggregate:
+        return aggregate(args.aggregate, args.out or 'results/detail_aggregate')
+    if not args.opt:
+        p.error('-opt is required (or --aggregate)')
     try:
         from patchscaler.compare.detail import detail_markdown, evaluate_detail
         opt = load_option_file(args.opt)
@@ -50,6 +56,23 @@ def main(argv=None):
     print(detail_markdown(result))
     print(f'written to {out}/ (detail.md, detail.json, strip_<set>.png)')
 
+
+def aggregate(folders, out):
+    import json
+
+    from patchscaler.compare.detail import aggregate_detail, detail_markdown, write_detail
+    results = []
+    for folder in folders:
+        path = osp.join(folder, 'detail.json')
+        if not osp.isfile(path):
+            print(f'error: {path} not found (an output folder of tools/evaluate_detail.py?)', file=sys.stderr)
+            sys.exit(2)
+        with open(path) as f:
+            results.append(json.load(f))
+    result = aggregate_detail(results)
+    write_detail(result, {}, out)
+    print(detail_markdown(result))
+    print(f'written to {out}/ (detail.md, detail.json)')
 
 if __name__ == '__main__':
     main()

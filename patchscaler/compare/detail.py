@@ -142,18 +142,47 @@ def evaluate_detail(opt, no_prompt=None, device=None, ckpt=None, no_prompt_ckpt=
 
 
 def _fmt(value, digits=2):
+    if isinstance(value, dict):  # aggregated over runs: mean ± std
+        return f"{_fmt(value['mean'], digits)} ± {_fmt(value['std'], digits)}"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return '–'
     return f'{value:.{digits}f}'
 
 
+def _mean(value):
+    return value['mean'] if isinstance(value, dict) else value
+
+
+def aggregate_detail(results):
+    """Several runs' results (e.g. one per training seed, same sets) as one: every number that differs between
+    runs becomes ``{'mean', 'std', 'n'}`` (std with ddof 1, over the runs that have it); equal ones stay."""
+    if not results:
+        raise ConfigError('aggregate_detail: no results to aggregate')
+
+    def merge(values):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: merge([v.get(k) for v in values if isinstance(v, dict)]) for k in first}
+        if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values):
+            return [merge([v[i] for v in values]) for i in range(len(first))]
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and
+                   math.isfinite(v)]
+        if not numbers or all(v == first for v in values):
+            return first
+        std = float(np.std(numbers, ddof=1)) if len(numbers) > 1 else float('nan')
+        return {'mean': float(np.mean(numbers)), 'std': std, 'n': len(numbers)}
+    out = merge(list(results))
+    out['runs'] = len(results)
+    return out
+
+
 def detail_markdown(result):
     """The result as Markdown tables: one per set, one per class measure on labelled sets."""
-    lines = []
+    lines = [f"Mean ± std over {result['runs']} runs.", ''] if result.get('runs') else []
     heads = ('PSNR', 'PSNR simple', 'HF energy ratio', 'spectrum dist. (dB)', 'NIQE', 'NFE/image', 'NFE ratio')
     for name, s in result['sets'].items():
         shares = s.get('group_shares')
-        share_text = f"; PGS groups {' / '.join(f'{100 * x:.0f}%' for x in shares)} (simple / … / hard)" \
+        share_text = f"; PGS groups {' / '.join(f'{100 * _mean(x):.0f}%' for x in shares)} (simple / … / hard)" \
             if shares else ''
         lines += [f'### {name} ({s["images"]} images{share_text})', '',
                   '| output | ' + ' | '.join(heads) + ' |', '|' + ' --- |' * (len(heads) + 1)]
@@ -166,7 +195,10 @@ def detail_markdown(result):
         lines.append('')
         if 'classes' in s:
             classes = list(s['classes'])
-            lines.append(f'Flat patches graded simple: {_fmt(100 * s["flat_patches_simple"], 1)} % of '
+            simple = s['flat_patches_simple']
+            simple = {k: 100 * v for k, v in simple.items() if k != 'n'} if isinstance(simple, dict) else \
+                (None if simple is None else 100 * simple)
+            lines.append(f'Flat patches graded simple: {_fmt(simple, 1)} % of '
                          f'{s["flat_patches"]}.')
             lines.append('')
             for measure, title, digits in CLASS_TABLES:
@@ -204,4 +236,4 @@ def write_detail(result, strips, out_dir):
         cv2.imwrite(osp.join(out_dir, f'strip_{name}.png'), img)
 
 
-__all__ = ['evaluate_detail', 'detail_markdown', 'write_detail', 'uniform_pipeline']
+__all__ = ['evaluate_detail', 'aggregate_detail', 'detail_markdown', 'write_detail', 'uniform_pipeline']
