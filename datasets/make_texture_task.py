@@ -152,7 +152,8 @@ def make_texture_task(out='datasets/texture_task', train=256, val=24, overwrite=
             rng = np.random.default_rng([seed, offset + i])
             hr, labels = make_image(rng)
             hr = to_bgr_uint8(hr)
-            pairs[split].append((f'{split}_{i:04d}', hr, degrade_fixed(hr, seed=offset + i), labels))
+            lr = degrade_fixed(hr, seed=seed * 10_000_000 + offset + i)
+            pairs[split].append((f'{split}_{i:04d}', hr, lr, labels))
     build_lmdb(None, osp.join(tmp, 'train_HR.lmdb'), images=[(k, hr) for k, hr, _, _ in pairs['train']])
     build_lmdb(None, osp.join(tmp, 'train_LR_x4.lmdb'), images=[(k, lr) for k, _, lr, _ in pairs['train']])
     for side in ('HR', 'LR_x4', 'labels'):

@@ -268,3 +268,27 @@ def test_validation_x0_loss_of_a_fresh_patch_dit_equals_y0s(tiny_patchscaler, tm
     model.feed_data(_batch(5))
     model.test()
     assert not torch.allclose(model.x0_errors()[:4], errs[:4])
+
+
+def test_min_snr_weighting_is_the_mean_of_weighted_losses(tiny_patchscaler, tmp_path, monkeypatch):
+    """train.loss_weighting {type: min_snr}: l_x0 = mean(w_t * (pred - x0)^2), w_t = min(SNR_t, γ) (Hang et al.,
+    Eq. 8), not BasicSR's weighted mean that divides by the batch's sum of weights: a batch drawn entirely at
+    t = 999 (SNR ≈ 0) must give a loss of about SNR times the unweighted one."""
+    opt, _ = tiny_patchscaler
+    losses = {}
+    for name, weighting in (('plain', None), ('min_snr', {'type': 'min_snr', 'gamma': 5})):
+        opt_w = dict(opt, train=dict(opt['train'], loss_weighting=weighting))
+        torch.manual_seed(0)
+        model = _model(opt_w, tmp_path / name)
+        randint = torch.randint  # the timestep draw (high = T) at t = 999; the crop positions as they come
+        monkeypatch.setattr(torch, 'randint', lambda low, high, size, **kw: torch.full(
+            size, 999, device=kw.get('device')) if high == 1000 else randint(low, high, size, **kw))
+        model.feed_data(_batch(1))
+        model.optimize_parameters(3)  # past grm_iters: the diffusion step only, from the same weights
+        monkeypatch.undo()
+        losses[name] = float(model.get_current_log()['l_x0'])
+        a_bar = float(model.alphas_cumprod[999])
+    snr = a_bar / (1 - a_bar)
+    assert losses['min_snr'] == pytest.approx(snr * losses['plain'], rel=1e-4)
+    with pytest.raises(ConfigError, match='loss weighting'):
+        _model(dict(opt, train=dict(opt['train'], loss_weighting='min_snr')), tmp_path / 'bad')

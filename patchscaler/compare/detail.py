@@ -27,13 +27,14 @@ import copy
 import json
 import math
 import os
+import sys
 from os import path as osp
 
 import cv2
 import numpy as np
 
 from patchscaler.metrics.detail import DetailScores, load_classes
-from patchscaler.utils.errors import ConfigError
+from patchscaler.utils.errors import ConfigError, DataError
 
 OUTPUTS = ('bicubic', 'GRM', 'PGS', 'uniform', 'no prompt')
 CLASS_TABLES = (('psnr', 'PSNR per class', 2), ('hf_energy_ratio', 'HF energy ratio per class', 3),
@@ -57,7 +58,7 @@ def sampler_options(sampler):
 def uniform_pipeline(pipeline, sampler_opt, steps=None):
     """The pipeline with every patch sampled like the hardest group (τ and N of the last group, or ``steps``)."""
     from patchscaler.sampling import build_sampler
-    tau, n = pipeline.sampler.groups[-1]
+    tau, n = max(pipeline.sampler.groups)  # the hardest group: the largest τ (then the most steps)
     uniform = copy.copy(pipeline)
     opt = dict(sampler_opt, groups=[{'tau': tau, 'steps': int(steps or n)}], grouping=None)
     opt.pop('device_groups', None)
@@ -113,9 +114,11 @@ def evaluate_detail(opt, no_prompt=None, device=None, ckpt=None, no_prompt_ckpt=
         classes, flat_class = load_classes(ds_opt) if ds_opt.get('dataroot_labels') else (None, 0)
         scores, rows = DetailScores(scale, classes, len(pipes['PGS'].sampler.groups)), []
         count = min(len(dataset), max_images) if max_images else len(dataset)
+        skipped = []
         for index in tqdm(range(count), desc=f'detail {name}', unit='img', disable=not progress):
             item = dataset[index]
             if 'error' in item or 'gt' not in item:
+                skipped.append(f"{item['lq_path']}: {item.get('error', 'no HR (dataroot_gt) to compare with')}")
                 continue
             lq = item['lq'][None]
             hr = tensor2img([item['gt']])
@@ -133,7 +136,13 @@ def evaluate_detail(opt, no_prompt=None, device=None, ckpt=None, no_prompt_ckpt=
                 legend = group_legend(pgs.report.groups[0], pgs.report.group_names)
                 rows.append(labelled_strip(tiles, order + ['HR', f'groups: {legend}']))
                 rows.append(_window_row([images[k] for k in order] + [hr], order + ['HR'], hr))
+        if skipped:
+            print(f'{name}: skipped {len(skipped)} image(s):\n  ' + '\n  '.join(skipped), file=sys.stderr)
+        if not scores.images:
+            raise DataError(f'{name}: no image could be scored ({len(skipped)} skipped, e.g. {skipped[0]})'
+                            if skipped else f'{name}: the set is empty')
         result['sets'][name] = scores.result()
+        result['sets'][name]['skipped'] = skipped
         if rows:
             strips[name] = _stack(rows)
     if out_dir:

@@ -124,6 +124,10 @@ class PatchScalerModel(BaseModel):
         self.tile, self.tile_overlap = opt.get('tile'), opt.get('tile_overlap', 64)
         self.net_g_ema = None
         self.pipeline()  # checks sampler/V/prediction type/tile/autocast now, not at the first validation
+        for ds_opt in (opt.get('datasets') or {}).values():  # class maps' classes.json now, not at iteration 1500
+            if isinstance(ds_opt, dict) and ds_opt.get('dataroot_labels'):
+                from patchscaler.metrics.detail import load_classes
+                load_classes(ds_opt)
         if self.is_train:
             self.init_training_settings()
 
@@ -225,6 +229,9 @@ class PatchScalerModel(BaseModel):
         self.cri_x0 = build_loss(dict(train_opt.get('x0_opt', {'type': 'MSELoss'}))).to(self.device)
         self.loss_weighting = train_opt.get('loss_weighting')
         loss_weights(torch.ones(1), self.loss_weighting)  # a bad weighting is an error now, not at iteration 1
+        if self.loss_weighting is not None:  # per-element loss, weighted and averaged here (see _diffusion_step)
+            self.cri_x0_elementwise = build_loss(dict(train_opt.get('x0_opt', {'type': 'MSELoss'}),
+                                                      reduction='none')).to(self.device)
         if 'optim_g' not in train_opt:
             raise ConfigError("train.stage 'full' needs train.optim_g (Patch-DiT + texture encoder optimizer)")
         optim_opt = dict(train_opt['optim_g'])
@@ -295,9 +302,10 @@ class PatchScalerModel(BaseModel):
             pred = self.net_g(x_t, t, cond)
         if self.loss_weighting is None:
             l_x0 = self.cri_x0(pred.float(), x0)
-        else:  # BasicSR's weighted loss: the weighted mean over the batch
+        else:  # mean of w_t * loss, as Min-SNR defines it; BasicSR's weighted mean would divide by the batch's
+            # sum of weights and so undo the weighting of an all-high-noise batch
             weight = loss_weights(a_bar.flatten(), self.loss_weighting).view(-1, 1, 1, 1)
-            l_x0 = self.cri_x0(pred.float(), x0, weight=weight.expand(-1, 1, *x0.shape[-2:]))
+            l_x0 = (weight * self.cri_x0_elementwise(pred.float(), x0)).mean()
         self._step_denoiser(l_x0)
         # l_x0_coarse: the same loss for x0 = y0, what Patch-DiT must beat
         return OrderedDict(l_x0=l_x0.detach(), l_x0_coarse=F.mse_loss(y0, x0).detach())

@@ -85,7 +85,8 @@ def fused_walk(net, grid, y0, noise, batches, conds, timesteps, scheduler, predi
             t_prev = walk[i + 1] if i + 1 < len(walk) else -1
             step_noise = None
             if eta:
-                gen = torch.Generator().manual_seed(hash((seed, 'fused', t)) % 2 ** 63)
+                # integers only: hash() of a str differs between processes
+                gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(t)) % 2 ** 63)
                 step_noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device)
             x = torch.where(covered, ddim_step(x0, x, a_t, alpha_bar(scheduler, t_prev), 'sample', eta, step_noise),
                             x)

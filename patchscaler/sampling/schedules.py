@@ -156,14 +156,17 @@ def loss_weights(a_bar, weighting=None, prediction_type='sample'):
     ε training and, for an x0 model, the nearly pure-noise steps (where the best x0 is the coarse y0 anyway) from
     taking the capacity that the last, low-noise steps need. Measured on the known-answer task (README, "Why the
     demo added grain"): min_snr with γ = 5 did not help the x0-objective Patch-DiT there, so the default is none."""
-    kind = (weighting or {}).get('type', 'none') if isinstance(weighting, dict) else (weighting or 'none')
+    if weighting is not None and not isinstance(weighting, dict):
+        raise ConfigError(f'loss weighting must be a dict like {{type: min_snr, gamma: 5}}, got {weighting!r}')
+    weighting = weighting or {}
+    kind = weighting.get('type', 'none')
     if kind not in LOSS_WEIGHTINGS:
         raise ConfigError(f'loss weighting type must be one of {LOSS_WEIGHTINGS}, got {kind!r}')
+    unknown = set(weighting) - ({'type'} if kind == 'none' else {'type', 'gamma'})
+    if unknown:
+        raise ConfigError(f'{kind} loss weighting does not take {sorted(unknown)}')
     if kind == 'none':
         return torch.ones_like(a_bar)
-    unknown = set(weighting) - {'type', 'gamma'}
-    if unknown:
-        raise ConfigError(f'min_snr weighting takes only gamma, got {sorted(unknown)}')
     gamma = float(weighting.get('gamma', 5.0))
     if not gamma > 0:
         raise ConfigError(f'min_snr gamma must be > 0, got {gamma}')
