@@ -9,7 +9,8 @@ PSNR alone cannot tell a blurry answer from a grainy one. Next to it, on uint8 (
 * **spectrum distance** of the high-pass band: the luminance's power spectrum above the LR's Nyquist frequency
   (|f| > ``0.5 / scale`` cycles per pixel, a disk so that every orientation is cut alike; the corners of the
   LR's square passband, up to 0.18 at ×4, fall inside the band) up to 0.5, Welch-averaged over Hann-windowed
-  ``tile``² tiles that lie inside the mask, in ``radial_bins`` × ``angular_bins`` bins (|f| and orientation in [0°, 180°)); the distance
+  ``tile``² tiles that lie inside the mask, in ``radial_bins`` × ``angular_bins`` bins (|f| and orientation in
+  [0°, 180°)); the distance
   is the RMS over bins of ``10·log10((P + floor) / (P_HR + floor))`` in dB, each bin weighted by the mean of its
   shares of the two spectra's power (bins neither has power in do not count), the floor 30 dB below the HR's mean
   bin power (a band with no power at all counts as 30 dB and more missing, not as infinity). Right strength but
