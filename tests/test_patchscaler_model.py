@@ -275,12 +275,12 @@ def test_min_snr_weighting_is_the_mean_of_weighted_losses(tiny_patchscaler, tmp_
     Eq. 8), not BasicSR's weighted mean that divides by the batch's sum of weights: a batch drawn entirely at
     t = 999 (SNR ≈ 0) must give a loss of about SNR times the unweighted one."""
     opt, _ = tiny_patchscaler
-    losses = {}
+    losses, randint = {}, torch.randint
     for name, weighting in (('plain', None), ('min_snr', {'type': 'min_snr', 'gamma': 5})):
         opt_w = dict(opt, train=dict(opt['train'], loss_weighting=weighting))
         torch.manual_seed(0)
         model = _model(opt_w, tmp_path / name)
-        randint = torch.randint  # the timestep draw (high = T) at t = 999; the crop positions as they come
+        # the timestep draw (high = T) at t = 999; the crop positions as they come
         monkeypatch.setattr(torch, 'randint', lambda low, high, size, **kw: torch.full(
             size, 999, device=kw.get('device')) if high == 1000 else randint(low, high, size, **kw))
         model.feed_data(_batch(1))
