@@ -47,17 +47,19 @@ def test_fused_pgs_keeps_nfe_and_returns_y0_for_a_denoiser_that_knows_it():
 
 
 def test_fusion_makes_overlapping_patches_agree():
-    """A denoiser that answers differently per patch (its batch position): fused, each pixel has one trajectory;
-    the result differs from the independent walk but stays finite and deterministic."""
+    """A denoiser that answers differently per patch (its batch position) and follows x_t: fused, each pixel has
+    one trajectory, so the result differs from the independent walk, and is deterministic."""
     y0, conf = _inputs()
 
     def per_patch(x_t, t, c):
-        return c + 0.1 * torch.arange(len(x_t), dtype=x_t.dtype).view(-1, 1, 1, 1) / len(x_t)
+        offset = 0.1 * torch.arange(len(x_t), dtype=x_t.dtype).view(-1, 1, 1, 1) / len(x_t)
+        return c + offset + 0.5 * (x_t - c)
     s = _sampler(grouping=PAPER_SHARES, fuse_overlaps=True)
     a = s.sample(per_patch, y0, conf, cond=y0)[0]
     b = s.sample(per_patch, y0, conf, cond=y0)[0]
+    plain = _sampler(grouping=PAPER_SHARES).sample(per_patch, y0, conf, cond=y0)[0]
     torch.testing.assert_close(a, b)
-    assert torch.isfinite(a).all()
+    assert torch.isfinite(a).all() and not torch.allclose(a, plain, atol=1e-4)
 
 
 def test_schedules_that_do_not_line_up_are_fused_per_group():
