@@ -101,7 +101,7 @@ def test_detail_scores_pool_a_set_per_output_and_class():
     grid = PatchGrid.for_shape(16, 16, 8, 8)
     for _ in range(2):
         scores.add_image({'GRM': grm, 'PGS': hr}, hr, np.array([0, 2, 0, 2]), grid, 4, crop_border=0, labels=labels,
-                         classes=classes, margin=2, nfe={'PGS': 10})
+                         margin=2, nfe={'PGS': 10})
     r = scores.result()
     assert r['images'] == 2
     assert r['outputs']['PGS']['psnr'] == float('inf')

@@ -33,7 +33,7 @@ from os import path as osp
 import cv2
 import numpy as np
 
-from patchscaler.metrics.detail import DetailScores, load_classes
+from patchscaler.metrics.detail import DetailScores
 from patchscaler.utils.errors import ConfigError, DataError
 
 OUTPUTS = ('bicubic', 'GRM', 'PGS', 'uniform', 'no prompt')
@@ -43,13 +43,10 @@ DIGITS = {'hf_energy_ratio': 3, 'nfe_ratio': 3, 'nfe_per_image': 0}
 MEASURES = ('psnr', 'psnr_simple', 'hf_energy_ratio', 'spectrum_distance_db', 'niqe', 'nfe_per_image', 'nfe_ratio')
 
 
-def sampler_options(sampler):
+def _sampler_dict(sampler):
     """The sampler section of a test file as a dict (it may be a path to ``options/samplers/*.yml``)."""
-    if isinstance(sampler, str):
-        import yaml
-        with open(sampler) as f:
-            sampler = yaml.safe_load(f)
-        sampler = sampler.get('sampler', sampler)
+    from patchscaler.sampling.pgs import sampler_options
+    sampler = sampler_options(sampler)
     if not isinstance(sampler, dict):
         raise ConfigError('the test file needs a sampler section (PGS options) to compare PGS with uniform sampling')
     return dict(sampler)
@@ -96,7 +93,7 @@ def evaluate_detail(opt, no_prompt=None, device=None, ckpt=None, no_prompt_ckpt=
     pipes = {'PGS': load_pipeline(opt, device, ckpt)}
     if pipes['PGS'].denoiser is None:
         raise ConfigError('the test file has no diffusion stage (network_dit): nothing to evaluate beyond the GRM')
-    pipes['uniform'] = uniform_pipeline(pipes['PGS'], sampler_options(opt.get('sampler')), uniform_steps)
+    pipes['uniform'] = uniform_pipeline(pipes['PGS'], _sampler_dict(opt.get('sampler')), uniform_steps)
     if no_prompt is not None:
         pipes['no prompt'] = load_pipeline(no_prompt, device, no_prompt_ckpt)
     factor, scale = pipes['PGS'].autoencoder.downscale_factor, int(opt['scale'])
@@ -111,8 +108,7 @@ def evaluate_detail(opt, no_prompt=None, device=None, ckpt=None, no_prompt_ckpt=
         ds_opt = dict(ds_opt, scale=scale, phase='test')
         name = ds_opt.get('name', phase)
         dataset = PairedSRDataset(ds_opt)
-        classes, flat_class = load_classes(ds_opt) if ds_opt.get('dataroot_labels') else (None, 0)
-        scores, rows = DetailScores(scale, classes, len(pipes['PGS'].sampler.groups)), []
+        scores, rows = DetailScores.for_dataset(scale, ds_opt, len(pipes['PGS'].sampler.groups)), []
         count = min(len(dataset), max_images) if max_images else len(dataset)
         skipped = []
         for index in tqdm(range(count), desc=f'detail {name}', unit='img', disable=not progress):
@@ -127,7 +123,7 @@ def evaluate_detail(opt, no_prompt=None, device=None, ckpt=None, no_prompt_ckpt=
             images = {'bicubic': tensor2img([pgs.bicubic.cpu()]), 'GRM': tensor2img([pgs.grm.cpu()])}
             images.update({k: tensor2img([o.sr.cpu()]) for k, o in outs.items()})
             scores.add_image(images, hr, pgs.report.groups[0].numpy(), pgs.report.grid, factor, crop_border,
-                             item['labels'].numpy() if 'labels' in item else None, classes, margin, flat_class,
+                             item['labels'].numpy() if 'labels' in item else None, margin,
                              {k: o.report.nfe_total for k, o in outs.items()})
             if len(rows) < 2 * strip_images:
                 order = [k for k in OUTPUTS if k in images]

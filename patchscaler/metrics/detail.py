@@ -222,13 +222,19 @@ class DetailScores:
     """The detail measures of one image set, per output ('GRM', 'PGS', ...): whole images, simple-group pixels and,
     with class maps, each class; per-image PSNR and NIQE; NFE; the share of flat patches graded simple."""
 
-    def __init__(self, scale, classes=None, num_groups=3):
-        self.scale, self.classes, self.num_groups = scale, classes, num_groups
+    def __init__(self, scale, classes=None, num_groups=3, flat_class=0):
+        self.scale, self.classes, self.num_groups, self.flat_class = scale, classes, num_groups, flat_class
         self.whole, self.simple, self.per_class = {}, {}, {}
         self.psnr, self.niqe, self.nfe = {}, {}, {}
         self.flat_count = self.flat_simple = 0
         self.group_counts = None
         self.images = 0
+
+    @classmethod
+    def for_dataset(cls, scale, ds_opt, num_groups=3):
+        """Scores for one dataset option dict: per class (``classes.json``) when it has ``dataroot_labels``."""
+        classes, flat_class = load_classes(ds_opt) if ds_opt.get('dataroot_labels') else (None, 0)
+        return cls(scale, classes, num_groups, flat_class)
 
     def _acc(self, table, key):
         if key not in table:
@@ -244,14 +250,14 @@ class DetailScores:
         for cls, m in (class_masks or {}).items():
             self._acc(self.per_class.setdefault(cls, {}), name).add(img, hr, m)
 
-    def add_image(self, images, hr, groups, grid, factor, crop_border=4, labels=None, classes=None, margin=8,
-                  flat_class=0, nfe=None):
+    def add_image(self, images, hr, groups, grid, factor, crop_border=4, labels=None, margin=8, nfe=None):
         """Score one image: ``images`` {output: uint8 BGR}, ``hr``, the PGS grading ``groups`` (M,) on ``grid``;
-        ``labels`` (H, W) class map with ``classes`` (the known-answer task); ``nfe`` {output: patch evaluations}."""
+        ``labels`` (H, W) class map of the scores' classes (the known-answer task); ``nfe`` {output: patch
+        evaluations}."""
         size = hr.shape[:2]
         base = border_mask(size, crop_border)
         simple = simple_mask(groups, grid, factor, size)
-        masks = class_masks(labels, classes, margin, base) if labels is not None else None
+        masks = class_masks(labels, self.classes, margin, base) if labels is not None else None
         for k, img in images.items():
             self.add(k, img, hr, base, simple, masks, niqe=labels is None, crop_border=crop_border)
         for k, n in (nfe or {}).items():
@@ -259,7 +265,7 @@ class DetailScores:
         counts = np.bincount(np.asarray(groups).reshape(-1), minlength=self.num_groups)
         self.group_counts = counts if self.group_counts is None else self.group_counts + counts
         if labels is not None:
-            n, s = flat_patches(groups, grid, labels, factor, flat_class)
+            n, s = flat_patches(groups, grid, labels, factor, self.flat_class)
             self.flat_count, self.flat_simple = self.flat_count + n, self.flat_simple + s
         self.images += 1
 

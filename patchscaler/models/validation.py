@@ -136,13 +136,10 @@ def log_pgs(sampler, groups, dataset_name, current_iter, tb_logger, nfe_done=Non
 def detail_scores(model, dataset_opt):
     """A :class:`~patchscaler.metrics.detail.DetailScores` for one validation set (per class when it has class
     maps), or None when the model has no diffusion stage to judge."""
-    from patchscaler.metrics.detail import DetailScores, load_classes
+    from patchscaler.metrics.detail import DetailScores
     if model.net_g is None or model.sampler is None:
         return None
-    classes, flat_class = load_classes(dataset_opt) if dataset_opt.get('dataroot_labels') else (None, 0)
-    scores = DetailScores(model.scale, classes, len(model.sampler.groups))
-    scores.flat_class = flat_class
-    return scores
+    return DetailScores.for_dataset(model.scale, dataset_opt, len(model.sampler.groups))
 
 
 def add_detail(model, scores, visuals, sr_img, labels=None):
@@ -153,8 +150,7 @@ def add_detail(model, scores, visuals, sr_img, labels=None):
     images = {'PGS': sr_img, 'GRM': tensor2img([visuals['grm']]), 'bicubic': tensor2img([visuals['bicubic']])}
     nfe = {'PGS': model.report.nfe_total} if model.report is not None else None
     scores.add_image(images, tensor2img([visuals['gt']]), groups[0].numpy(), grid, model.autoencoder.downscale_factor,
-                     labels=None if labels is None else labels[0].numpy(), classes=scores.classes,
-                     flat_class=scores.flat_class, nfe=nfe)
+                     labels=None if labels is None else labels[0].numpy(), nfe=nfe)
 
 
 def log_detail(scores, dataset_name, current_iter, tb_logger):

@@ -428,14 +428,20 @@ def sample(denoiser, y0, confidence=None, cond=None, prepare_cond=None, **sample
     return PatchGroupSampler(**sampler_options).sample(denoiser, y0, confidence, cond, prepare_cond)
 
 
-def build_sampler(opt):
-    """A sampler from options: a dict ``{type: PatchGroupSampler, ...}``, a dict with a ``sampler`` section, or the
-    path of a YAML file with one (``options/samplers/pgs_paper.yml``). Unknown keys are one-line ConfigErrors."""
-    from ..utils.options_check import build_from_registry
+def sampler_options(opt):
+    """The sampler options ``{type: ..., ...}`` of a dict, a dict with a ``sampler`` section, or the path of a YAML
+    file with one (``options/samplers/pgs_paper.yml``)."""
     if isinstance(opt, str):
         import yaml
         with open(opt) as f:
             opt = yaml.safe_load(f)
     if isinstance(opt, dict) and 'sampler' in opt and 'type' not in opt:
         opt = opt['sampler']
-    return build_from_registry(SAMPLERS, opt, 'sampler')
+    return opt
+
+
+def build_sampler(opt):
+    """A sampler from options (what :func:`sampler_options` reads: a dict or a YAML path). Unknown keys are
+    one-line ConfigErrors."""
+    from ..utils.options_check import build_from_registry
+    return build_from_registry(SAMPLERS, sampler_options(opt), 'sampler')
