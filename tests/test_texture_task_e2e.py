@@ -2,12 +2,12 @@
 (datasets/make_texture_task.py) and its RTM, train both stages briefly with options/texture_task's training file,
 and score it with tools/evaluate_detail.py.
 
-What is asserted is what held for every training seed at this size (3 seeds measured, README "Known-answer
-texture task"): the GRM grades every flat patch simple, PGS spends 0.74x the denoiser calls of uniform sampling,
-and the diffusion stage adds detail where the GRM (a regression) has none. At this size (500 iterations) the flat
-regions are not yet clean: PGS was 2.25-2.64 dB below the GRM there for the three seeds, so the test bounds the gap
-at 3.5 dB (a grainy sampler, e.g. the linear schedule with p = 2, is ~9 dB below); that the gap closes (PGS above
-the GRM) is the 3000-iteration result in the README. No timing.
+What is asserted is what held for every training seed at this size (3 seeds measured, docs/detail_evaluation.md,
+"Known-answer texture task"): the GRM grades every flat patch simple, PGS spends 0.74x the denoiser calls of uniform
+sampling, and the diffusion stage adds detail where the GRM (a regression) has none. At this size (500 iterations)
+the flat regions are not yet clean: PGS was 2.25-2.64 dB below the GRM there for the three seeds, so the test bounds
+the gap at 3.5 dB (a grainy sampler, e.g. the linear schedule with p = 2, is ~9 dB below); that the gap closes (to
+0.21 dB below the GRM) is the 3000-iteration result in docs/detail_evaluation.md. No timing.
 """
 import json
 import os

@@ -23,10 +23,10 @@ The texture prompt (``prepare_cond``) is still computed once per patch, at its g
 step. The sampler's DDIM/DDPM update is used (``DDIMScheduler`` / ``DDPMScheduler``): other diffusers schedulers
 keep per-sample history that a fused latent whose pixels join at different steps does not have.
 
-Measured (README, "Why the demo added grain"): on the known-answer texture task fusion changes no figure against
-the default walk. The start noise is one draw per latent pixel, so overlapping patches already start alike and,
-with the deterministic DDIM walk, stay close; the seams and phase defects that remain come from the denoiser's
-token grid, not from the blend. It stays off by default (``fuse_overlaps: false``).
+Measured (docs/detail_evaluation.md, "Why the demo added grain"): on the known-answer texture task fusion changes no
+figure against the default walk. The start noise is one draw per latent pixel, so overlapping patches already start
+alike and, with the deterministic DDIM walk, stay close; the seams and phase defects that remain come from the
+denoiser's token grid, not from the blend. It stays off by default (``fuse_overlaps: false``).
 """
 import torch
 

@@ -154,9 +154,9 @@ def loss_weights(a_bar, weighting=None, prediction_type='sample'):
     the x0 objective weighted by min(SNR_t, γ), SNR_t = ᾱ_t / (1 - ᾱ_t); for the ε objective that is
     min(SNR_t, γ) / SNR_t, for v min(SNR_t, γ) / (SNR_t + 1). It stops the nearly noise-free steps from dominating
     ε training and, for an x0 model, the nearly pure-noise steps (where the best x0 is the coarse y0 anyway) from
-    taking the capacity that the last, low-noise steps need. Measured on the known-answer task (README, "Why the
-    demo added grain"): min_snr with γ = 5 made the x0-objective Patch-DiT slightly worse there (flats 0.66 dB
-    lower after 3000 iterations), so the default is none."""
+    taking the capacity that the last, low-noise steps need. Measured on the known-answer task
+    (docs/detail_evaluation.md, "Why the demo added grain"): min_snr with γ = 5 made the x0-objective Patch-DiT
+    slightly worse there (flats 0.66 dB lower after 3000 iterations), so the default is none."""
     if weighting is not None and not isinstance(weighting, dict):
         raise ConfigError(f'loss weighting must be a dict like {{type: min_snr, gamma: 5}}, got {weighting!r}')
     weighting = weighting or {}
