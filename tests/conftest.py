@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import patchscaler  # noqa: F401  (compat fixes before BasicSR)
 
@@ -20,6 +21,43 @@ def write_png(path, array):
 
 def random_bgr(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests are skipped on a machine without CUDA (``tools/gpu_check.sh`` runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs CUDA')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
+def hostless(tensor):
+    """``tensor`` as a stand-in for a CUDA tensor on a CPU machine: NumPy conversion refuses the way it does for a
+    CUDA tensor, ``.cpu()`` / ``.to('cpu')`` give a plain host tensor back. Code that works with it works with
+    tensors left on the GPU."""
+    return tensor.as_subclass(HostlessTensor)
+
+
+class HostlessTensor(torch.Tensor):
+    """See :func:`hostless`."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
+                        "to host memory first.")
+
+    def __array__(self, *args, **kwargs):
+        return self.numpy()
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+    def to(self, *args, **kwargs):
+        target = kwargs.get('device', args[0] if args else None)
+        if isinstance(target, (str, torch.device)) and torch.device(target).type == 'cpu':
+            return self.cpu().to(*args, **kwargs)
+        return super().to(*args, **kwargs)
 
 
 @pytest.fixture

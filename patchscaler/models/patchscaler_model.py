@@ -336,9 +336,11 @@ class PatchScalerModel(BaseModel):
         if out.report is not None:
             r = out.report
             self.pgs_groups = (r.groups, r.qmap, r.thresholds, r.grid)
-        elif self.sampler is not None:  # Eq. 2 on this image: what PGS will do with it
+        elif self.sampler is not None:  # Eq. 2 on this image: what PGS will do with it; on the host like the
+            # sampler's report, for the pictures and the detail scores
             shape = (self.lq.shape[0], 1, *self.confidence.shape[-2:])
-            self.pgs_groups = self.sampler.assign(self.confidence, shape)
+            self.pgs_groups = tuple(x.cpu() if torch.is_tensor(x) else x
+                                    for x in self.sampler.assign(self.confidence, shape))
 
     def x0_timesteps(self):
         """Where validation measures the x0-prediction loss (see :func:`validation.x0_timesteps`)."""

@@ -9,7 +9,7 @@ from basicsr.utils import get_root_logger, imwrite, tensor2img
 from patchscaler.archs.autoencoder_arch import pad_to_multiple
 from patchscaler.metrics import better
 from patchscaler.sampling.schedules import q_sample, to_x0_eps
-from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay
+from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay, to_numpy
 
 X0_FRACTIONS = (0.05, 0.25, 0.5, 0.8)  # where validation measures the x0-prediction loss, as fractions of T
 
@@ -149,8 +149,8 @@ def add_detail(model, scores, visuals, sr_img, labels=None):
     groups, _, _, grid = model.pgs_groups
     images = {'PGS': sr_img, 'GRM': tensor2img([visuals['grm']]), 'bicubic': tensor2img([visuals['bicubic']])}
     nfe = {'PGS': model.report.nfe_total} if model.report is not None else None
-    scores.add_image(images, tensor2img([visuals['gt']]), groups[0].numpy(), grid, model.autoencoder.downscale_factor,
-                     labels=None if labels is None else labels[0].numpy(), nfe=nfe)
+    scores.add_image(images, tensor2img([visuals['gt']]), to_numpy(groups[0]), grid, model.autoencoder.downscale_factor,
+                     labels=None if labels is None else to_numpy(labels[0]), nfe=nfe)
 
 
 def log_detail(scores, dataset_name, current_iter, tb_logger):

@@ -1,6 +1,15 @@
 """Pictures people look at: the confidence map as a colour image, and labelled side-by-side strips."""
 import cv2
 import numpy as np
+import torch
+
+
+def to_numpy(x, dtype=None):
+    """A NumPy array of ``x`` (array, list or a torch tensor on any device: CUDA tensors are copied to the host,
+    which ``np.asarray`` refuses to do)."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
 
 
 def confidence_to_bgr(confidence, size=None, colormap=cv2.COLORMAP_VIRIDIS):
@@ -8,7 +17,7 @@ def confidence_to_bgr(confidence, size=None, colormap=cv2.COLORMAP_VIRIDIS):
 
     Low confidence (hard to restore) is dark/blue, high confidence is yellow (viridis).
     """
-    c = np.asarray(confidence, dtype=np.float32).squeeze()
+    c = to_numpy(confidence, np.float32).squeeze()
     img = cv2.applyColorMap(np.clip(c * 255.0 + 0.5, 0, 255).astype(np.uint8), colormap)
     if size is not None:
         img = cv2.resize(img, size, interpolation=cv2.INTER_NEAREST)
@@ -47,7 +56,7 @@ def group_panel(image_bgr, groups, grid, alpha=0.45):
     image_bgr = _bgr(image_bgr)
     size = (image_bgr.shape[1], image_bgr.shape[0])
     owner = grid.owner_map().numpy()
-    g = np.asarray(groups).reshape(-1)[owner]
+    g = to_numpy(groups).reshape(-1)[owner]
     colours = np.array([GROUP_COLOURS_BGR[i % len(GROUP_COLOURS_BGR)] for i in range(int(g.max()) + 1)], np.uint8)
     group_img = cv2.resize(colours[g], size, interpolation=cv2.INTER_NEAREST)
     panel = cv2.addWeighted(image_bgr, 1 - alpha, group_img, alpha, 0)
@@ -62,7 +71,7 @@ def group_panel(image_bgr, groups, grid, alpha=0.45):
 
 def group_legend(groups, group_names=None):
     """'simple 40% / medium 30% / hard 30%': each group's share of the patches."""
-    flat = np.asarray(groups).reshape(-1)
+    flat = to_numpy(groups).reshape(-1)
     n = int(flat.size)
     names = group_names or [f'group{i}' for i in range(int(flat.max()) + 1)]
     counts = [int((flat == i).sum()) for i in range(len(names))]
@@ -84,7 +93,7 @@ def qmap_overlay(image_bgr, qmap, groups, grid, group_names=None, alpha=0.45):
     """
     image_bgr = _bgr(image_bgr)
     size = (image_bgr.shape[1], image_bgr.shape[0])
-    q = np.asarray(qmap, dtype=np.float32).reshape(-1)[grid.owner_map().numpy()]
+    q = to_numpy(qmap, np.float32).reshape(-1)[grid.owner_map().numpy()]
     heat = confidence_to_bgr(np.nan_to_num(q, nan=0.0), size)
     q_panel = cv2.addWeighted(image_bgr, 1 - alpha, heat, alpha, 0)
     g_panel = group_panel(image_bgr, groups, grid, alpha)

@@ -1,0 +1,151 @@
+"""What would crash, give wrong results or run slow on a GPU (issue 19), each shown by its mechanism on a CPU:
+tensors left on a device the code did not expect (``hostless``), CPU bf16/fp16 autocast, a one-process gloo group,
+a thread with a fresh autocast state. ``gpu``-marked tests repeat the check where only CUDA can show it."""
+import numpy as np
+import pytest
+import torch
+from conftest import hostless
+
+from patchscaler.sampling.patches import PatchGrid
+from patchscaler.utils.visualize import confidence_to_bgr, group_legend, group_panel, qmap_overlay
+
+
+def _grm_model(opt, tmp_path, num_gpu=0):
+    """The tiny two-stage options as the GRM stage's (no Patch-DiT, a sampler for the Eq. 2 grades)."""
+    from patchscaler.models.patchscaler_model import PatchScalerModel
+    opt = {k: v for k, v in opt.items() if k not in ('network_dit', 'network_texture', 'rtm')}
+    opt['train'] = dict(opt['train'], stage='grm')
+    opt = dict(opt, is_train=True, dist=False, rank=0, world_size=1, num_gpu=num_gpu)
+    opt['path'] = dict(opt['path'], models=str(tmp_path / 'models'), training_states=str(tmp_path / 'states'),
+                       experiments_root=str(tmp_path), visualization=str(tmp_path / 'vis'))
+    (tmp_path / 'models').mkdir(parents=True, exist_ok=True)
+    return PatchScalerModel(opt)
+
+
+# ---------------------------------------------------------------- pictures of device tensors
+def test_pictures_take_tensors_left_on_the_device():
+    """The GRM stage's validation with a sampler and save_img draws the Eq. 2 grades, which the sampler leaves
+    where the confidence map is (the GPU): np.asarray on them is a TypeError there."""
+    grid = PatchGrid.for_shape(16, 24, 8, 4)
+    groups = hostless((torch.arange(grid.num_patches) % 3).view(1, -1))
+    qmap = hostless(torch.rand(1, grid.num_patches))
+    with pytest.raises(TypeError, match='cpu'):
+        np.asarray(groups)  # the stand-in refuses like a CUDA tensor
+    image = np.zeros((64, 96, 3), np.uint8)
+    strip = qmap_overlay(image, qmap[0], groups[0], grid, ('simple', 'medium', 'hard'))
+    assert strip.shape[1] >= 3 * 96
+    plain = qmap_overlay(image, qmap[0].cpu(), groups[0].cpu(), grid, ('simple', 'medium', 'hard'))
+    assert np.array_equal(strip, plain)
+    assert group_panel(image, groups[0], grid).shape == image.shape
+    assert group_legend(groups[0], ('simple', 'medium', 'hard')).startswith('simple')
+    assert confidence_to_bgr(hostless(torch.rand(1, 16, 24))).shape == (16, 24, 3)
+
+
+def test_grm_stage_validation_keeps_the_grades_on_the_host(tiny_patchscaler, tmp_path, monkeypatch):
+    """PatchScalerModel.test() of a GRM-stage model with a sampler: the grades it keeps for the pictures and the
+    detail scores are host tensors whatever device the sampler graded on."""
+    from patchscaler.models.patchscaler_model import PatchScalerModel
+    opt, _ = tiny_patchscaler
+    model = _grm_model(opt, tmp_path)
+    assert model.net_g is None and model.sampler is not None
+    assign = model.sampler.assign
+    monkeypatch.setattr(model.sampler, 'assign', lambda *a: tuple(
+        hostless(x) if torch.is_tensor(x) else x for x in assign(*a)))
+    model.feed_data({'lq': torch.rand(1, 3, 16, 16)})
+    PatchScalerModel.test(model)
+    groups, qmap, _, grid = model.pgs_groups
+    assert type(groups) is torch.Tensor and type(qmap) is torch.Tensor
+    qmap_overlay(np.zeros((64, 64, 3), np.uint8), qmap[0], groups[0], grid)
+
+
+@pytest.mark.gpu
+def test_grm_stage_validation_pictures_on_cuda(tiny_patchscaler, tmp_path):
+    opt, _ = tiny_patchscaler
+    model = _grm_model(opt, tmp_path, num_gpu=1)
+    assert model.device.type == 'cuda'
+    model.feed_data({'lq': torch.rand(1, 3, 16, 16)})
+    model.test()
+    groups, qmap, _, grid = model.pgs_groups
+    qmap_overlay(np.zeros((64, 64, 3), np.uint8), qmap[0], groups[0], grid)
+
+
+# ---------------------------------------------------------------- the process group
+@pytest.fixture
+def init_calls(monkeypatch):
+    """Calls that would start a process group, recorded instead."""
+    import torch.distributed as dist
+
+    from patchscaler import compat
+    calls = []
+    monkeypatch.setattr(dist, 'init_process_group', lambda **kw: calls.append(kw))
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    yield calls
+    compat.set_dist_params(None)
+
+
+def test_the_process_group_waits_as_long_as_the_option_says(init_calls):
+    """Only rank 0 validates; the others wait in the next collective, and NCCL's default timeout (10 min) would
+    end the run. tools/train.py hands the option file's dist_params to the launcher BasicSR calls."""
+    from datetime import timedelta
+
+    import basicsr.utils.options
+
+    from patchscaler import compat
+    from patchscaler.utils.errors import ConfigError
+    basicsr.utils.options.init_dist('pytorch')  # what parse_options calls for --launcher pytorch
+    assert init_calls[-1]['timeout'] == timedelta(minutes=compat.DIST_TIMEOUT_MINUTES)
+    compat.set_dist_params({'timeout_minutes': 300})
+    basicsr.utils.options.init_dist('pytorch')
+    assert init_calls[-1]['timeout'] == timedelta(minutes=300)
+    with pytest.raises(ConfigError, match='timeout_minutes'):
+        compat.set_dist_params({'timeout': 300})
+
+
+def test_more_processes_than_gpus_with_nccl_is_one_clear_error(init_calls, monkeypatch):
+    """Two torchrun processes on a 1-GPU machine: both would take cuda:0, which NCCL refuses deep inside."""
+    import basicsr.utils.options
+
+    from patchscaler.utils.errors import ConfigError
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: None)
+    with pytest.raises(ConfigError, match='2 processes on this machine but 1 GPU'):
+        basicsr.utils.options.init_dist('pytorch')
+    assert not init_calls
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    basicsr.utils.options.init_dist('pytorch')
+    assert init_calls[-1]['backend'] == 'nccl'
+
+
+@pytest.fixture
+def gloo_group():
+    """A one-process gloo process group: DDP on the CPU, the way torchrun with one rank runs it."""
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_stablesr_freezes_the_unet_before_ddp_wraps_it(tmp_path, gloo_group):
+    """train.freeze_unet under torchrun: DDP wrapped the whole network before the UNet was frozen and then waited
+    for gradients the frozen UNet never produces (DDP's "finished reduction" error at iteration 2)."""
+    from test_stablesr import _batch, _opt
+
+    from patchscaler.models.stablesr_model import StableSRModel
+    torch.manual_seed(0)
+    opt = _opt('train_stablesr_demo.yml', tmp_path, True)
+    opt['dist'], opt['train']['freeze_unet'] = True, True
+    model = StableSRModel(opt)
+    assert isinstance(model.net_g, torch.nn.parallel.DistributedDataParallel)
+    for it in (1, 2, 3):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+    net = model.get_bare_model(model.net_g)
+    sft = {id(p) for layer in net.sft_layers for p in layer.sft.parameters()}
+    assert model.freeze_unet and not any(p.requires_grad for p in net.unet.parameters() if id(p) not in sft)
