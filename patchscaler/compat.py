@@ -16,7 +16,10 @@ which row it answers.
    ``--auto_resume`` later picks: networks and training states are written to a temporary file and
    renamed (:func:`patchscaler.utils.checkpoint.atomic_save`).
 6. ``--launcher pytorch`` uses the global RANK as a GPU index and NCCL always: ``LOCAL_RANK`` picks the
-   GPU, and gloo is used when there is no CUDA. DDP on CPU gets ``device_ids=None``.
+   GPU, and gloo is used when there is no CUDA. DDP on CPU gets ``device_ids=None``. More processes than
+   GPUs with NCCL is one clear error (NCCL refuses two ranks on one GPU). The process group gets a timeout of
+   ``dist_params.timeout_minutes`` (default 120) instead of NCCL's 10 minutes, which a long rank-0
+   validation would exceed; BasicSR passed ``dist_params`` to the slurm launcher only.
 7. ``VGGFeatureExtractor`` (the perceptual loss) falls back to torchvision's download when
    ``experiments/pretrained_models/vgg19-dcbb9e9d.pth`` is absent: a :class:`MissingWeightsError` naming the
    file and where to put it instead (nothing is downloaded at run time).
@@ -101,12 +104,68 @@ def load_resume_state(opt):
     return resume_state
 
 
+DIST_TIMEOUT_MINUTES = 120
+_dist_params = {}
+
+
+def set_dist_params(params):
+    """The option file's ``dist_params`` for the launchers; ``tools/train.py`` and ``tools/test.py`` pass them
+    before BasicSR starts the process group (BasicSR 1.4.2 passes them to the slurm launcher only)."""
+    from patchscaler.utils.errors import ConfigError
+    params = dict(params or {})
+    unknown = set(params) - {'backend', 'port', 'timeout_minutes'}
+    if unknown:
+        raise ConfigError(f'dist_params takes backend, port and timeout_minutes, not {sorted(unknown)}')
+    _dist_params.clear()
+    _dist_params.update(params)
+
+
+def _timeout(params):
+    from datetime import timedelta
+
+    from patchscaler.utils.errors import ConfigError
+    minutes = params.pop('timeout_minutes', _dist_params.get('timeout_minutes', DIST_TIMEOUT_MINUTES))
+    if not isinstance(minutes, (int, float)) or minutes <= 0:
+        raise ConfigError(f'dist_params.timeout_minutes must be a positive number, got {minutes!r}')
+    return timedelta(minutes=minutes)
+
+
+def _init_dist(launcher, backend=None, **kwargs):
+    """BasicSR's ``init_dist`` with the process group's timeout set (``dist_params.timeout_minutes``, default
+    :data:`DIST_TIMEOUT_MINUTES`): only rank 0 validates while the others wait in the next collective, and
+    NCCL's default of 10 minutes would end a run whose validation takes longer."""
+    import functools
+
+    import basicsr.utils.dist_util as dist_util
+    import torch.distributed as dist
+    params = {k: v for k, v in _dist_params.items() if k != 'timeout_minutes'}
+    params.update(kwargs)
+    timeout = _timeout(params)
+    backend = backend or params.pop('backend', 'nccl')
+    if launcher == 'pytorch':
+        return _init_dist_pytorch(backend, timeout=timeout, **{k: v for k, v in params.items() if k != 'port'})
+    original = dist.init_process_group
+    dist.init_process_group = functools.partial(original, timeout=timeout)
+    try:
+        return dist_util.init_dist(launcher, backend, **params)
+    finally:
+        dist.init_process_group = original
+
+
 def _init_dist_pytorch(backend='nccl', **kwargs):
     import torch
     import torch.distributed as dist
+
+    from patchscaler.utils.errors import ConfigError
     if torch.cuda.is_available():
         local_rank = int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        local_world = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', 1)))
+        gpus = torch.cuda.device_count()
+        if backend == 'nccl' and local_world > gpus:
+            raise ConfigError(f'{local_world} processes on this machine but {gpus} GPU(s) visible: NCCL needs one GPU '
+                              f'per process; use --nproc_per_node {gpus}, or CUDA_VISIBLE_DEVICES= to train on the '
+                              f'CPU with gloo')
+        torch.cuda.set_device(local_rank % gpus)
     else:
         backend = 'gloo'
     dist.init_process_group(backend=backend, **kwargs)
@@ -183,11 +242,13 @@ def apply():
 
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
+    import basicsr.utils.options
     from basicsr.models.base_model import BaseModel
     from basicsr.utils.dist_util import master_only
 
     basicsr.train.load_resume_state = load_resume_state
     dist_util._init_dist_pytorch = _init_dist_pytorch
+    basicsr.utils.options.init_dist = _init_dist  # parse_options calls it by this name
     BaseModel.model_to_device = _model_to_device
     BaseModel.save_network = master_only(_save_network)
     BaseModel.save_training_state = master_only(_save_training_state)

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 
 def _run(args, cwd, timeout=300):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    if args[:2] == ['-m', 'torch.distributed.run']:  # 2 ranks with gloo on the CPU, also on a 1-GPU machine
+        env['CUDA_VISIBLE_DEVICES'] = ''
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f'{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
     return proc

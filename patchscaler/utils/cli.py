@@ -51,7 +51,10 @@ def run_pipeline(kind, root_path):
     else:
         from basicsr.test import test_pipeline as pipeline
     try:
-        check_options(load_option_file(_option_file_from_argv(sys.argv[1:])))
+        opt = load_option_file(_option_file_from_argv(sys.argv[1:]))
+        check_options(opt)
+        from patchscaler import compat
+        compat.set_dist_params(opt.get('dist_params'))  # timeout of the process group BasicSR starts
         pipeline(root_path)
     except PatchScalerError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)
