@@ -79,6 +79,9 @@ class StableSRModel(PatchScalerModel):
         if net.in_channels != self.autoencoder.latent_channels:
             raise ConfigError(f'network_g works on {net.in_channels}-channel latents but the autoencoder makes '
                               f'{self.autoencoder.latent_channels}')
+        self.freeze_unet = False
+        if self.is_train:  # before DDP wraps it: DDP reduces the gradients of what requires grad at wrap time
+            self.freeze_unet = self._freeze(net, opt.get('train') or {})
         self.net_g = self.model_to_device(net)
         self.print_network(self.net_g)
         self.sampler = build_sampler(opt.get('sampler') or stablesr_sampler_options(net.patch_size,
@@ -109,11 +112,6 @@ class StableSRModel(PatchScalerModel):
         self.cri_pix = build_loss(dict(train_opt.get('pixel_opt', {'type': 'MSELoss'}))).to(self.device)
         if 'optim_g' not in train_opt:
             raise ConfigError('StableSRModel training needs train.optim_g')
-        self.freeze_unet = bool(train_opt.get('freeze_unet', bool(self.opt['network_g'].get('unet_path'))))
-        if self.freeze_unet:  # SD's UNet stays as it is; the SFT layers inside it and the encoder train
-            net.unet.requires_grad_(False)
-            for layer in net.sft_layers:
-                layer.sft.requires_grad_(True)
         trainable = [p for p in self.net_g.parameters() if p.requires_grad]
         get_root_logger().info(f'StableSR trains {sum(p.numel() for p in trainable) / 1e6:.2f} M of '
                                f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters'
@@ -127,6 +125,16 @@ class StableSRModel(PatchScalerModel):
             self.net_g_ema = copy.deepcopy(net).eval().requires_grad_(False)
             self._load_pretrained(self.net_g_ema, 'g', 'params_ema')
         self.setup_schedulers()
+
+    def _freeze(self, net, train_opt):
+        """``train.freeze_unet`` (default: on when the UNet comes from ``unet_path``): SD's UNet stays as it is,
+        the SFT layers inside it and the encoder train. Returns whether it froze."""
+        freeze = bool(train_opt.get('freeze_unet', bool(self.opt['network_g'].get('unet_path'))))
+        if freeze:
+            net.unet.requires_grad_(False)
+            for layer in net.sft_layers:
+                layer.sft.requires_grad_(True)
+        return freeze
 
     def optimize_parameters(self, current_iter):
         net = self.get_bare_model(self.net_g)
