@@ -149,3 +149,34 @@ def test_stablesr_freezes_the_unet_before_ddp_wraps_it(tmp_path, gloo_group):
     net = model.get_bare_model(model.net_g)
     sft = {id(p) for layer in net.sft_layers for p in layer.sft.parameters()}
     assert model.freeze_unet and not any(p.requires_grad for p in net.unet.parameters() if id(p) not in sft)
+
+
+# ---------------------------------------------------------------- retrieval in float32
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_retrieval_inside_autocast_is_the_float32_retrieval(dtype):
+    """The pipeline queries the RTM inside its autocast (PGS's prepare_cond), training outside it: under CPU bf16
+    the keys changed the top-4 set of about a tenth of the queries, and in fp16 a decoding key extractor ran past the
+    autoencoder's fp32 fallback. Keys and search run in float32 with autocast off."""
+    from patchscaler.retrieval import ReferenceTextureMemory
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(300, 4, 16, 16, generator=g) * torch.rand(300, 1, 1, 1, generator=g)
+    rtm = ReferenceTextureMemory.build(values, {'type': 'LatentTextureDescriptor'}, 200, top_k=4)
+    queries = torch.randn(961, 4, 16, 16, generator=g) * torch.rand(961, 1, 1, 1, generator=g)
+    sims, idx = rtm.search(queries)
+    low = queries.to(dtype)
+    sims_low, idx_low = rtm.search(low)  # the float32 retrieval of the rounded patches
+    seen = []
+    extractor = rtm.texture_classifier
+
+    def recording(x):
+        seen.append((torch.is_autocast_enabled('cpu'), x.dtype))
+        return extractor(x)
+    rtm.texture_classifier = recording
+    with torch.autocast('cpu', dtype=dtype):
+        sims_ac, idx_ac = rtm.search(queries)
+        priors, sims_q = rtm.query(queries)
+        sims_low_ac, idx_low_ac = rtm.search(low)
+    assert seen and all(s == (False, torch.float32) for s in seen)
+    assert torch.equal(idx_ac, idx) and torch.equal(sims_ac, sims) and torch.equal(sims_q, sims)
+    assert torch.equal(idx_low_ac, idx_low) and torch.equal(sims_low_ac, sims_low)
+    assert priors.dtype == torch.float32

@@ -106,6 +106,15 @@ def test_faiss_cpu_serves_cuda_queries_from_a_cpu_index(monkeypatch):
     assert list(index._faiss) == ['cpu'] and not index._gpu_resources
 
 
+def test_auto_searches_cuda_queries_with_torch_even_with_gpu_faiss(monkeypatch):
+    """faiss's Python API takes host arrays: a GPU index would copy the queries to the host and back for what one
+    matmul + top-K does on the GPU."""
+    monkeypatch.setattr(index_module, 'faiss_available', lambda gpu=False: True)
+    index = KeyIndex(torch.nn.functional.normalize(torch.randn(10, 4), dim=1))
+    assert index.backend_for(torch.device('cuda', 0)) == 'torch'
+    assert index.backend_for(torch.device('cpu')) == 'faiss'
+
+
 def test_auto_falls_back_to_torch_without_faiss(monkeypatch):
     monkeypatch.setattr(index_module, 'faiss_available', lambda gpu=False: False)
     keys = torch.nn.functional.normalize(torch.randn(10, 4), dim=1)

@@ -1,13 +1,15 @@
 """Top-K search by inner product over L2-normalised keys (cosine similarity), with two back ends.
 
 * ``faiss``: an exact ``IndexFlatIP``; on a GPU index when the queries are on CUDA and faiss was built
-  with GPU support (``faiss-gpu``, the ``gpu`` extra) and sees a GPU, else on the CPU.
+  with GPU support (``pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12``: both install the one ``faiss``
+  package, so it replaces faiss-cpu) and sees a GPU, else on the CPU.
 * ``torch``: ``queries @ keys.T`` and ``topk``, in blocks of queries, on the queries' device.
 
-``auto`` (the default) takes faiss for CPU queries when it is installed, and for CUDA queries only when
-faiss can search on the GPU (otherwise torch on the GPU: moving thousands of queries to a CPU index would
-cost more than the search). Both are exact, so they return the same indices; scores agree to float32
-rounding. Results come back on the queries' device, sorted by decreasing similarity.
+``auto`` (the default) takes faiss for CPU queries when it is installed and torch for queries on a GPU: there
+one matmul and a top-K over a few thousand keys is a single kernel pair, while the faiss path passes NumPy
+arrays, i.e. copies the queries to the host and the results back, even to a GPU index. ``faiss`` with CUDA
+queries uses a GPU index when faiss was built with GPU support and sees a GPU, else the CPU index. Both are exact,
+so they return the same indices; scores agree to float32 rounding. Results come back on the queries' device, sorted by decreasing similarity.
 """
 import torch
 
@@ -52,7 +54,7 @@ class KeyIndex:
         """The back end that serves queries on ``device``."""
         if self.backend != 'auto':
             return self.backend
-        return 'faiss' if faiss_available(gpu=device.type == 'cuda') else 'torch'
+        return 'faiss' if device.type == 'cpu' and faiss_available() else 'torch'
 
     def search(self, queries, k):
         """(M, D) queries (any float dtype, L2-normalised) -> (scores (M, k) float32, indices (M, k) int64)."""

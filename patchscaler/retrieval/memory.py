@@ -10,6 +10,7 @@ metadata as JSON, and ``<name>.json``, a readable copy of that metadata. No pick
 the memory against the model it serves: V, latent channels, and the autoencoder itself (type, factors, and
 its latent of a fixed probe image, so a different checkpoint with the same config is caught too).
 """
+import contextlib
 import datetime
 import json
 import os
@@ -55,6 +56,17 @@ def autoencoder_identity(autoencoder):
 
 def _describe(ae):
     return f"{ae['type']} (c={ae['latent_channels']}, d={ae['downscale_factor']}, scaling {ae['scaling_factor']:g})"
+
+
+def full_precision(device):
+    """Autocast off on ``device``'s type. Retrieval runs in float32 always: the memory's keys were computed in
+    float32 at build time and training queries it outside autocast, so a query inside the pipeline's bf16/fp16
+    autocast would change its top-K set (8-12 % of the queries under CPU bf16) and, in fp16, decode patches past
+    the autoencoder's fp32 fallback (NaN keys)."""
+    try:
+        return torch.autocast(torch.device(device).type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type without autocast (meta, ...)
+        return contextlib.nullcontext()
 
 
 def extract_keys(extractor, patches, batch_size=None, progress=False):
@@ -189,14 +201,17 @@ class ReferenceTextureMemory:
                              f'{tuple(self.values.shape[1:])} (c, V, V) patches')
         if patches.shape[0] == 0:
             return patches.new_zeros(0, self.keys.shape[1], dtype=torch.float32)
-        raw = extract_keys(self.texture_classifier, patches, batch_size)
-        return F.normalize(raw - self.key_mean.to(raw.device), dim=1)
+        with full_precision(patches.device):
+            raw = extract_keys(self.texture_classifier, patches.float(), batch_size)
+            return F.normalize(raw - self.key_mean.to(raw.device), dim=1)
 
     @torch.no_grad()
     def search(self, patches, k=None):
         """Top-K indices into the memory and cosine similarities for (M, c, V, V) patches:
-        (similarities (M, K) float32, indices (M, K) int64), best first."""
-        return self.index.search(self.query_keys(patches), self.top_k if k is None else k)
+        (similarities (M, K) float32, indices (M, K) int64), best first. Keys and search run in float32 with the
+        caller's autocast off (:func:`full_precision`)."""
+        with full_precision(patches.device):
+            return self.index.search(self.query_keys(patches), self.top_k if k is None else k)
 
     @torch.no_grad()
     def query(self, patches, k=None):

@@ -92,6 +92,7 @@ class LatentTextureDescriptor:
         self.proj_channels, self.seed = int(proj_channels), int(seed)
         self.scales = [int(s) for s in scales]
         self.block_weights = [float(w) for w in block_weights]
+        self._cache = {}  # (c, device) -> the projection and the filter bank there, made once (no copy per call)
 
     def spec(self):
         return {'type': type(self).__name__, 'proj_channels': self.proj_channels, 'scales': self.scales,
@@ -120,21 +121,25 @@ class LatentTextureDescriptor:
             raise InputError(f'LatentTextureDescriptor: patches of {v}×{v} are too small for scales {self.scales} '
                              '(each V / s must be at least 3)')
         x = latents.float()
-        proj = self.projection(x.shape[1])
+        key = (x.shape[1], x.device)
+        if key not in self._cache:
+            proj = self.projection(x.shape[1])
+            m = min(x.shape[1], self.proj_channels)
+            self._cache[key] = (None if proj is None else proj.to(x.device), _BANK.to(x.device),
+                                torch.triu_indices(m, m, device=x.device))
+        proj, bank, iu = self._cache[key]
         if proj is not None:
-            x = torch.einsum('mc,nchw->nmhw', proj.to(x.device), x)
+            x = torch.einsum('mc,nchw->nmhw', proj, x)
         blocks = []
         for s in self.scales:
-            blocks += self._blocks(F.avg_pool2d(x, s) if s > 1 else x)
+            blocks += self._blocks(F.avg_pool2d(x, s) if s > 1 else x, bank, iu)
         return torch.cat(blocks, 1)
 
-    def _blocks(self, f):
+    def _blocks(self, f, bank, iu):
         n, m, h, w = f.shape
         mean = f.mean((2, 3))
         centred = (f - mean[..., None, None]).flatten(2)
-        iu = torch.triu_indices(m, m, device=f.device)
         gram = (centred @ centred.transpose(1, 2) / (h * w))[:, iu[0], iu[1]]
-        bank = _BANK.to(f.device)
         energy = F.conv2d(f.reshape(n * m, 1, h, w), bank).pow(2).mean((2, 3)).reshape(n, m * bank.shape[0])
         out = []
         for block, weight in zip((mean, gram, energy), self.block_weights):
