@@ -19,7 +19,8 @@ which row it answers.
    GPU, and gloo is used when there is no CUDA. DDP on CPU gets ``device_ids=None``. More processes than
    GPUs with NCCL is one clear error (NCCL refuses two ranks on one GPU). The process group gets a timeout of
    ``dist_params.timeout_minutes`` (default 120) instead of NCCL's 10 minutes, which a long rank-0
-   validation would exceed; BasicSR passed ``dist_params`` to the slurm launcher only.
+   validation would exceed; BasicSR passed ``dist_params`` to the slurm launcher only. DataParallel (several
+   GPUs, no launcher) with ``train.autocast`` is refused: its replicas run autocast without the dtype (fp16).
 7. ``VGGFeatureExtractor`` (the perceptual loss) falls back to torchvision's download when
    ``experiments/pretrained_models/vgg19-dcbb9e9d.pth`` is absent: a :class:`MissingWeightsError` naming the
    file and where to put it instead (nothing is downloaded at run time).
@@ -180,6 +181,12 @@ def _model_to_device(self, net):
         device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
         net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
     elif self.opt['num_gpu'] > 1:
+        if self.opt.get('is_train') and (self.opt.get('train') or {}).get('autocast'):
+            from patchscaler.utils.errors import ConfigError
+            raise ConfigError(f"train.autocast with {self.opt['num_gpu']} GPUs in one process (DataParallel): torch's "
+                              f"parallel_apply re-enters autocast without its dtype, so bf16 would train in fp16 with "
+                              f"no loss scaler. Use torchrun --nproc_per_node {self.opt['num_gpu']} tools/train.py ... "
+                              f"--launcher pytorch, or num_gpu: 1")
         net = DataParallel(net)
     return net
 

@@ -180,3 +180,18 @@ def test_retrieval_inside_autocast_is_the_float32_retrieval(dtype):
     assert torch.equal(idx_ac, idx) and torch.equal(sims_ac, sims) and torch.equal(sims_q, sims)
     assert torch.equal(idx_low_ac, idx_low) and torch.equal(sims_low_ac, sims_low)
     assert priors.dtype == torch.float32
+
+
+def test_dataparallel_with_autocast_is_refused():
+    """One process on several GPUs wraps in DataParallel, whose parallel_apply re-enters autocast without a dtype:
+    train.autocast bf16 would train in fp16 with no loss scaler."""
+    from types import SimpleNamespace
+
+    from patchscaler import compat
+    from patchscaler.utils.errors import ConfigError
+    model = SimpleNamespace(device=torch.device('cpu'), opt={'dist': False, 'num_gpu': 2, 'is_train': True,
+                                                             'train': {'autocast': 'bf16'}})
+    with pytest.raises(ConfigError, match='torchrun --nproc_per_node 2'):
+        compat._model_to_device(model, torch.nn.Linear(2, 2))
+    model.opt['train']['autocast'] = None
+    assert isinstance(compat._model_to_device(model, torch.nn.Linear(2, 2)), torch.nn.DataParallel)
