@@ -195,3 +195,50 @@ def test_dataparallel_with_autocast_is_refused():
         compat._model_to_device(model, torch.nn.Linear(2, 2))
     model.opt['train']['autocast'] = None
     assert isinstance(compat._model_to_device(model, torch.nn.Linear(2, 2)), torch.nn.DataParallel)
+
+
+# ---------------------------------------------------------------- fast defaults
+def test_autocast_auto_is_bf16_on_gpus_that_have_it_and_fp32_elsewhere(monkeypatch):
+    """The paper-scale option files say autocast: auto (they said ~, so nothing ran in bf16 on any GPU)."""
+    import yaml
+
+    from conftest import ROOT
+    from patchscaler.models.pipeline import autocast_dtype
+    assert autocast_dtype('auto', 'cpu') is None
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    assert autocast_dtype('auto', 'cuda:0') is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)  # V100, T4
+    assert autocast_dtype('auto', 'cuda:0') is None
+    import glob
+    import os
+    for path in glob.glob(os.path.join(ROOT, 'options', 'test_patchscaler*.yml')) + \
+            [os.path.join(ROOT, 'options', 'train_patchscaler.yml')]:
+        with open(path) as f:
+            opt = yaml.safe_load(f)
+        assert opt['autocast'] == 'auto', path
+        assert not opt.get('autoencoder_autocast'), path  # the SD VAE in bf16 is not measured: it stays fp32
+    assert opt['train']['autocast'] == 'auto'
+
+
+def test_the_tools_enable_tf32(monkeypatch, tmp_path):
+    """tools/train.py and tools/test.py (run_pipeline) turn TF32 on for CUDA float32 matmuls before they run."""
+    import sys
+
+    import basicsr.test
+
+    import patchscaler.utils.options_check as options_check
+    from patchscaler.utils import cli
+    seen = {}
+    monkeypatch.setattr(basicsr.test, 'test_pipeline', lambda root: seen.update(
+        tf32=torch.backends.cuda.matmul.allow_tf32))
+    monkeypatch.setattr(options_check, 'check_options', lambda o: None)
+    opt = tmp_path / 'o.yml'
+    opt.write_text('name: x\n')
+    monkeypatch.setattr(sys, 'argv', ['test.py', '-opt', str(opt)])
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cli.run_pipeline('test', str(tmp_path))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == {'tf32': True}

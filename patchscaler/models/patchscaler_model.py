@@ -180,7 +180,7 @@ class PatchScalerModel(BaseModel):
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f'train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}')
         self.gt_size = train_opt.get('gt_size')
-        self.autocast = autocast_dtype(train_opt.get('autocast'))
+        self.autocast = autocast_dtype(train_opt.get('autocast'), self.device)
         if self.autocast == torch.float16:
             raise ConfigError('train.autocast fp16 needs loss scaling, which this model does not do; use bf16')
         self.degradation = RealESRGANDegradation(self.opt.get('degradation'), self.device)

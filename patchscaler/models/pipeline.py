@@ -50,13 +50,18 @@ from patchscaler.utils.timing import _sync
 AUTOCAST = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 
 
-def autocast_dtype(name):
+def autocast_dtype(name, device=None):
+    """The autocast dtype of an option value: bf16 / fp16 (or the dtype), none; ``auto``: bf16 on a CUDA
+    ``device`` that supports it (Ampere and newer), else none (CPU bf16 matmuls are slow on most CPUs)."""
+    if name == 'auto':
+        device = torch.device(device or 'cpu')
+        return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
     if name in (None, False, 'none', 'fp32'):
         return None
     if name in AUTOCAST.values():  # already a dtype
         return name
     if name not in AUTOCAST:
-        raise ConfigError(f"autocast must be one of {sorted(AUTOCAST)} or none, got {name!r}")
+        raise ConfigError(f"autocast must be one of {sorted(AUTOCAST)}, auto or none, got {name!r}")
     return AUTOCAST[name]
 
 
@@ -165,7 +170,8 @@ class PatchScalerPipeline:
             raise ConfigError('network_texture needs an RTM (the rtm option) to retrieve texture priors from')
         self.autoencoder, self.grm, self.scale = autoencoder, grm, int(scale)
         self.denoiser, self.sampler, self.rtm, self.top_k = denoiser, sampler, rtm, top_k
-        self.color_fix, self.autocast = color_fix, autocast_dtype(autocast)
+        self.color_fix = color_fix
+        self.autocast = autocast_dtype(autocast, self.device)
         d = autoencoder.downscale_factor
         if tile is not None and (int(tile) < 2 * d or int(tile) % d):
             raise ConfigError(f'tile must be a multiple of the autoencoder factor {d} and at least {2 * d}, got {tile}')

@@ -54,7 +54,9 @@ def run_pipeline(kind, root_path):
         opt = load_option_file(_option_file_from_argv(sys.argv[1:]))
         check_options(opt)
         from patchscaler import compat
+        from patchscaler.utils.device import enable_tf32
         compat.set_dist_params(opt.get('dist_params'))  # timeout of the process group BasicSR starts
+        enable_tf32()
         pipeline(root_path)
     except PatchScalerError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)

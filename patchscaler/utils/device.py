@@ -24,3 +24,10 @@ def resolve_device(device=None):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f'device {device} asked for but this torch sees no GPU')
     return device
+
+
+def enable_tf32():
+    """TF32 for float32 matmuls and convolutions on CUDA (Ampere and newer; 10-bit mantissa inputs, float32
+    accumulation): what the command-line tools run with. The library itself never changes this global setting."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
