@@ -9,7 +9,12 @@ files or folders:
   (a 2×2 latent): smaller images fail with one line;
 * grayscale in -> grayscale out (the channel mean of the SR); RGBA -> the RGB is super-resolved and the
   alpha channel is upscaled separately (bicubic); 16-bit in -> 16-bit PNG out; EXIF rotation applied;
-* a file that cannot be read or processed is listed at the end, and the rest are still processed.
+* a file that cannot be read or processed is listed at the end, and the rest are still processed;
+* ``shard=(rank, world)``: only every world-th image from the rank-th on (of the whole sorted list, so the output
+  names are the single run's); ``torchrun`` runs one shard per process (:mod:`patchscaler.utils.distributed`).
+
+Group-parallel PGS (``devices``): :func:`build_inference_sampler` places the groups on the devices; the sampler
+section's ``device_groups`` lists them per device, ``device_split`` names a placement (:data:`DEVICE_SPLITS`).
 """
 import glob
 import os
@@ -25,6 +30,9 @@ from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import CheckpointError, ConfigError, DataError, PatchScalerError
 
 NETWORKS = ('grm', 'dit', 'texture')
+#: named placements of PGS's groups on the ``devices`` (``--device-split`` or ``sampler.device_split``)
+DEVICE_SPLITS = {'paper': 'the hardest group on the first device, the others on the second (the paper: +33.7 %)',
+                 'lpt': "per image, longest-processing-time first on the groups' NFE (the sampler's default)"}
 
 
 def checkpoint_files(ckpt):
@@ -45,8 +53,64 @@ def checkpoint_files(ckpt):
     return found
 
 
-def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progress=False, devices=None):
-    """The pipeline of a parsed option dict, with weights loaded; see the module docstring."""
+def _check_split(split):
+    if split not in DEVICE_SPLITS:
+        raise ConfigError(f'device_split must be one of {", ".join(DEVICE_SPLITS)}, got {split!r}')
+
+
+def split_groups(split, num_groups, devices):
+    """``device_groups`` of a named split (:data:`DEVICE_SPLITS`) of ``num_groups`` groups on ``devices``."""
+    _check_split(split)
+    if split == 'lpt':
+        return None
+    if len(devices or ()) != 2 or num_groups < 2:
+        raise ConfigError(f"device_split 'paper' puts the hard group on one device and the others on a second: it "
+                          f"needs 2 devices, 2+ groups, got {len(devices or ())} device(s) and {num_groups} group(s)")
+    return [[num_groups - 1], list(range(num_groups - 1))]
+
+
+def build_inference_sampler(opt, denoiser, devices=None, device_split=None):
+    """The sampler of ``opt`` (its ``sampler`` section or file, else the paper's PGS at the denoiser's V), with
+    the groups placed on ``devices`` (``--devices`` / ``pgs_devices``, else the section's own ``devices``): by the
+    section's ``device_groups`` or ``device_split`` (one of them), or by ``device_split`` given here, which
+    replaces both. Placing groups needs devices; ``device_split`` is read here, not by the sampler."""
+    from patchscaler.models.pipeline import build_sampler_for
+    from patchscaler.sampling.pgs import sampler_options
+    section = opt.get('sampler')
+    if isinstance(section, str) and not os.path.isfile(section):
+        raise ConfigError(f'sampler file not found: {section}')
+    sopt = sampler_options(section) if section else {'type': 'PatchGroupSampler', 'patch_size': denoiser.patch_size}
+    if not isinstance(sopt, dict):
+        return build_sampler_for(opt, denoiser)  # its one-line error
+    sopt = dict(sopt)
+    split = sopt.pop('device_split', None)
+    if split is not None and sopt.get('device_groups') is not None:
+        raise ConfigError('sampler: give device_groups or device_split, not both')
+    if device_split is not None:
+        split = device_split
+        sopt.pop('device_groups', None)
+    if split is not None:
+        _check_split(split)  # now, with or without devices
+    devices = devices or sopt.get('devices')
+    placed = sopt.get('device_groups') is not None or split not in (None, 'lpt')
+    if placed and not devices:
+        raise ConfigError(f'{"sampler.device_groups" if split is None else "device_split"} places groups on devices '
+                          f'and none are given: pass --devices cuda:0,cuda:1 (or pgs_devices in the option file)')
+    if placed:
+        try:
+            sopt['devices'] = [torch.device(d) for d in devices]
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f'devices: {e}') from None
+    sampler = build_sampler_for(dict(opt, sampler=sopt), denoiser)
+    if split is not None:
+        sampler.device_groups = split_groups(split, len(sampler.groups), devices)
+    return sampler
+
+
+def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progress=False, devices=None,
+                  device_split=None):
+    """The pipeline of a parsed option dict, with weights loaded; see the module docstring. ``devices``,
+    ``device_split``: group-parallel PGS, see :func:`build_inference_sampler`."""
     from basicsr.archs import build_network
 
     from patchscaler.archs.autoencoder_arch import build_autoencoder
@@ -54,7 +118,6 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
         PatchScalerPipeline,
         build_denoiser,
         build_rtm_for,
-        build_sampler_for,
         speed_options,
     )
     from patchscaler.utils.checkpoint import load_weights
@@ -88,7 +151,8 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
         key = 'params_ema' if name in files else path.get(f'param_key_{name}', 'params_ema')
         load_weights(net, file, key, path.get(f'strict_load_{name}', True), where=f'network_{name}')
         net.to(device).eval().requires_grad_(False)
-    sampler = build_sampler_for(opt, denoiser) if denoiser is not None else None
+    devices = devices or opt.get('pgs_devices') or None
+    sampler = build_inference_sampler(opt, denoiser, devices, device_split) if denoiser is not None else None
     if sampler is not None:
         sampler.progress = progress
     rtm = build_rtm_for(opt, autoencoder, denoiser, device)
@@ -154,18 +218,37 @@ class InferSummary:
     nfe: int = 0
     nfe_uniform: int = 0
     seconds: dict = field(default_factory=dict)  # per pipeline stage, summed over images
-    wall_s: float = 0.0  # loading + all images
+    wall_s: float = 0.0  # loading + all images (the slowest rank's, merged)
+    ranks: int = 1  # processes merged into this summary
+    failed_on: dict = field(default_factory=dict)  # path -> rank, merged
+
+    @classmethod
+    def merge(cls, parts):
+        """One summary of the ranks' summaries (``parts[r]`` from rank r)."""
+        out = cls(ranks=len(parts), wall_s=max(p.wall_s for p in parts))
+        for rank, part in enumerate(parts):
+            out.written += part.written
+            out.failures += part.failures
+            out.failed_on.update({path: rank for path, _ in part.failures})
+            out.nfe, out.nfe_uniform = out.nfe + part.nfe, out.nfe_uniform + part.nfe_uniform
+            for k, v in part.seconds.items():
+                out.seconds[k] = out.seconds.get(k, 0.0) + v
+        return out
 
     def lines(self):
-        out = [f'{len(self.written)} image(s) written, {len(self.failures)} failed']
+        ranks = f' by {self.ranks} processes' if self.ranks > 1 else ''
+        out = [f'{len(self.written)} image(s) written, {len(self.failures)} failed{ranks}']
         if self.nfe_uniform:
             out.append(f'PGS: {self.nfe} patch evaluations vs {self.nfe_uniform} for uniform sampling '
                        f'({100 * (1 - self.nfe / self.nfe_uniform):.0f}% saved)')
         if self.seconds:
             total = sum(self.seconds.values())
             stages = ', '.join(f'{k} {v:.2f} s' for k, v in self.seconds.items())
-            out.append(f'time: {stages} (stages {total:.2f} s, wall {self.wall_s:.2f} s with loading)')
-        out += [f'failed: {r}' if r.startswith(p) else f'failed: {p}: {r}' for p, r in self.failures]
+            wall = 'the slowest process\'s wall' if self.ranks > 1 else 'wall'
+            out.append(f'time: {stages} (stages {total:.2f} s, {wall} {self.wall_s:.2f} s with loading)')
+        for p, r in self.failures:
+            where = f' (rank {self.failed_on[p]})' if p in self.failed_on else ''
+            out.append(f'failed: {r}{where}' if r.startswith(p) else f'failed: {p}: {r}{where}')
         return out
 
 
@@ -193,8 +276,9 @@ def _upscale_file(pipeline, path, stem, seed, write):
     return out
 
 
-def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True):
-    """Super-resolve every image of ``inputs`` into ``out_dir`` (subfolders kept); returns an InferSummary."""
+def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True, shard=None):
+    """Super-resolve every image of ``inputs`` into ``out_dir`` (subfolders kept); returns an InferSummary.
+    ``shard=(rank, world)``: only the images ``rank::world`` of the sorted list, named as in the whole run."""
     from basicsr.utils import tensor2img
     from tqdm import tqdm
 
@@ -217,8 +301,10 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
         if not ok[0]:
             raise DataError(f'cannot write {path}')
 
-    stems = output_names(images, out_dir, suffix)
-    for (root, rel), stem in tqdm(list(zip(images, stems)), desc='SR', unit='img', disable=not progress):
+    jobs = list(zip(images, output_names(images, out_dir, suffix)))
+    rank, world = shard or (0, 1)
+    desc = f'SR (rank {rank} of {world})' if shard else 'SR'
+    for (root, rel), stem in tqdm(jobs[rank::world], desc=desc, unit='img', disable=not progress):
         path = os.path.join(root, rel)
         try:
             out = _upscale_file(pipeline, path, stem, seed, write)
@@ -251,13 +337,14 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
 
 
 def run(args_opt, inputs, out_dir, device=None, ckpt=None, save_qmap=False, color_fix=None, tile=None, suffix='',
-        seed=0, progress=True, devices=None):
+        seed=0, progress=True, devices=None, device_split=None, shard=None):
     """Load the pipeline and run it; returns the InferSummary (the CLI prints it). ``devices``: PGS's groups on
-    several devices (group-parallel), e.g. ['cuda:0', 'cuda:1']."""
+    several devices (group-parallel), e.g. ['cuda:0', 'cuda:1'], placed by ``device_split`` (:data:`DEVICE_SPLITS`)
+    or the sampler's ``device_groups``. ``shard``: see :func:`infer_paths`."""
     from patchscaler.utils.cli import load_option_file
     opt = load_option_file(args_opt) if isinstance(args_opt, str) else args_opt
     start = time.perf_counter()
-    pipeline = load_pipeline(opt, device, ckpt, color_fix, tile, progress, devices)
-    summary = infer_paths(pipeline, inputs, out_dir, save_qmap, suffix, seed, progress)
+    pipeline = load_pipeline(opt, device, ckpt, color_fix, tile, progress, devices, device_split)
+    summary = infer_paths(pipeline, inputs, out_dir, save_qmap, suffix, seed, progress, shard)
     summary.wall_s = time.perf_counter() - start
     return summary

@@ -201,8 +201,8 @@ def test_dataparallel_with_autocast_is_refused():
 def test_autocast_auto_is_bf16_on_gpus_that_have_it_and_fp32_elsewhere(monkeypatch):
     """The paper-scale option files say autocast: auto (they said ~, so nothing ran in bf16 on any GPU)."""
     import yaml
-
     from conftest import ROOT
+
     from patchscaler.models.pipeline import autocast_dtype
     assert autocast_dtype('auto', 'cpu') is None
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)

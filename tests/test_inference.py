@@ -116,8 +116,8 @@ def _pipes(trained, **variants):
     out = {}
     for name, extra in variants.items():
         extra = dict(extra)
-        devices = extra.pop('_devices', None)
-        out[name] = load_pipeline(dict(opt, **extra), 'cpu', devices=devices)
+        devices, split = extra.pop('_devices', None), extra.pop('_split', None)
+        out[name] = load_pipeline(dict(opt, **extra), 'cpu', devices=devices, device_split=split)
     return base, out
 
 
@@ -145,6 +145,55 @@ def test_group_parallel_devices_give_the_same_image(trained):
     assert out.report.patches_per_group[0] > 0 and out.report.cond_calls > 0 and used  # the copy made prompts
     assert len(out.report.seconds_per_device) == 2
     torch.testing.assert_close(out.sr, ref.sr, atol=1e-5, rtol=0)
+
+
+def test_the_paper_device_split_runs_each_group_where_it_names(trained):
+    """device_split paper on ['cpu', 'cpu']: the hard group alone on device 0, simple and medium on device 1 (each
+    device's denoiser counted), and the same SR as on one device (the threads' blend order: float tolerance)."""
+    import copy
+    base, pipes = _pipes(trained, paper={'_devices': ['cpu', 'cpu'], '_split': 'paper'})
+    pipe = pipes['paper']
+    assert pipe.sampler.device_groups == [[2], [0, 1]]
+    pipe.denoisers = [pipe.denoiser, copy.deepcopy(pipe.denoiser)]  # one CPU would share one denoiser: count each
+    calls = [0, 0]
+    for d, net in enumerate(pipe.denoisers):
+        forward = net.forward
+        net.forward = lambda *a, _d=d, _f=forward: calls.__setitem__(_d, calls[_d] + 1) or _f(*a)
+    from patchscaler.sampling.grouping import GroupAssigner
+    for p in (base, pipe):
+        p.sampler.assigner = GroupAssigner(3, mode='share', shares=[0.4, 0.3, 0.3])
+    ref, out = base(_lq(size=20), seed=3), pipe(_lq(size=20), seed=3)
+    s = pipe.sampler
+    per_group = [-(-n // s.batch_size) * c for n, c in zip(out.report.patches_per_group, s.calls)]
+    assert min(out.report.patches_per_group) > 0 and calls == [per_group[2], per_group[0] + per_group[1]]
+    torch.testing.assert_close(out.sr, ref.sr, atol=1e-5, rtol=0)
+
+
+def test_device_groups_and_splits_take_the_devices_given_at_load(trained):
+    """The sampler file's device_groups / device_split need no devices of their own: --devices (or pgs_devices)
+    fill them in; a split given at load replaces the file's placement; what cannot work is one line."""
+    from patchscaler.inference import split_groups
+    from patchscaler.utils.errors import ConfigError
+    opt_path, _ = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    with_groups = dict(opt, sampler=dict(opt['sampler'], device_groups=[[2], [0, 1]]))
+    with_split = dict(opt, sampler=dict(opt['sampler'], device_split='paper'))
+    pipe = load_pipeline(with_groups, 'cpu', devices=['cpu', 'cpu'])
+    assert pipe.sampler.device_groups == [[2], [0, 1]] and len(pipe.sampler.devices) == 2
+    assert load_pipeline(dict(with_split, pgs_devices=['cpu', 'cpu']), 'cpu').sampler.device_groups == [[2], [0, 1]]
+    assert load_pipeline(with_groups, 'cpu', devices=['cpu', 'cpu'], device_split='lpt').sampler.device_groups is None
+    assert split_groups('paper', 2, ['cuda:0', 'cuda:1']) == [[1], [0]]
+    with pytest.raises(ConfigError, match='sampler.device_groups places groups on devices and none are given'):
+        load_pipeline(with_groups, 'cpu')
+    with pytest.raises(ConfigError, match='device_split places groups on devices and none are given'):
+        load_pipeline(dict(opt), 'cpu', device_split='paper')
+    with pytest.raises(ConfigError, match='needs 2 devices, 2\\+ groups, got 3 device'):
+        load_pipeline(with_split, 'cpu', devices=['cpu'] * 3)
+    with pytest.raises(ConfigError, match='device_groups or device_split, not both'):
+        load_pipeline(dict(opt, sampler=dict(with_groups['sampler'], device_split='paper')), 'cpu')
+    with pytest.raises(ConfigError, match='device_split must be one of paper, lpt'):
+        load_pipeline(dict(opt), 'cpu', devices=['cpu', 'cpu'], device_split='hard-first')
 
 
 def test_devices_and_speed_options_are_checked(trained):
@@ -197,14 +246,22 @@ def test_autoencoder_autocast_falls_back_to_fp32_on_nan(trained):
 
 
 def test_infer_cli_on_two_devices(trained, tmp_path):
+    """--devices with the option file's sampler.device_groups (which lists no devices), and --device-split paper:
+    both run, with the one-device image."""
     opt_path, _ = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    opt['sampler']['device_groups'] = [[2], [0, 1]]
+    (tmp_path / 'groups.yml').write_text(yaml.safe_dump(opt))
     write_png(tmp_path / 'in' / 'a.png', random_bgr(12, 12, seed=7))
-    one = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'one'), '--opt', opt_path], tmp_path)
-    two = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'two'), '--opt', opt_path, '--devices', 'cpu,cpu'],
-                 tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
-    a, b = cv2.imread(str(tmp_path / 'one' / 'a.png')), cv2.imread(str(tmp_path / 'two' / 'a.png'))
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    runs = {'one': [opt_path], 'groups': ['groups.yml', '--devices', 'cpu,cpu'],
+            'paper': [opt_path, '--devices', 'cpu,cpu', '--device-split', 'paper']}
+    for name, args in runs.items():
+        proc = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / name), '--opt', *args], tmp_path)
+        assert proc.returncode == 0, (name, proc.stderr)
+    a = cv2.imread(str(tmp_path / 'one' / 'a.png')).astype(int)
+    for name in ('groups', 'paper'):
+        assert np.abs(cv2.imread(str(tmp_path / name / 'a.png')).astype(int) - a).max() <= 1, name
 
 
 # ---------------------------------------------------------------------------------- bad inputs, whole tool

@@ -55,6 +55,7 @@ from benchmark_networks import (  # noqa: E402  (tools/ is on sys.path when a to
 
 from patchscaler.archs.patch_dit_arch import PatchDiT  # noqa: E402
 from patchscaler.sampling import build_sampler  # noqa: E402
+from patchscaler.utils.device import enable_tf32  # noqa: E402
 from patchscaler.utils.timing import measure_interleaved  # noqa: E402
 
 SHARES = ([1.0, 0.0, 0.0], [0.4, 0.3, 0.3], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0])
@@ -245,6 +246,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    enable_tf32()  # CUDA float32 matmuls in TF32 (patchscaler.utils.device)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         sys.exit('error: --device cuda but this torch sees no GPU')
     result = run(args) if 'pgs' in args.parts else common_fields(args)

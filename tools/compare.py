@@ -14,6 +14,7 @@ sys.path.insert(0, REPO)
 
 from patchscaler.compare import run_comparison  # noqa: E402  (importing patchscaler applies the fixes)
 from patchscaler.utils.cli import load_option_file, one_line  # noqa: E402
+from patchscaler.utils.device import enable_tf32  # noqa: E402
 from patchscaler.utils.errors import PatchScalerError  # noqa: E402
 
 
@@ -24,6 +25,7 @@ def main(argv=None):
                    'when available)')
     p.add_argument('--max-images', type=int, default=None, help='only the first N images')
     args = p.parse_args(argv)
+    enable_tf32()  # CUDA float32 matmuls in TF32 (patchscaler.utils.device)
     try:
         opt = dict(load_option_file(args.opt))
         if args.max_images:

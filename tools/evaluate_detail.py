@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), osp.pardir)))
 
 from patchscaler.utils.cli import load_option_file, one_line  # noqa: E402  (importing patchscaler applies the fixes)
+from patchscaler.utils.device import enable_tf32  # noqa: E402
 from patchscaler.utils.errors import PatchScalerError  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def main(argv=None):
                    'hardest group\'s)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
+    enable_tf32()  # CUDA float32 matmuls in TF32 (patchscaler.utils.device)
     if args.aggregate:
         return aggregate(args.aggregate, args.out or 'results/detail_aggregate')
     if not args.opt:

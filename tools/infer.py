@@ -7,6 +7,15 @@
 Folders are read recursively (image files only); the SR images keep the subfolder layout. Grayscale, RGBA
 (alpha upscaled separately) and 16-bit images come out in the same format. Files that fail are listed at
 the end and the exit status is 1; option or checkpoint problems are one ``error:`` line and status 2.
+
+Many images on several GPUs (data-parallel; each file once, on rank r the files r, r + N, ... of the sorted list,
+each rank on cuda:LOCAL_RANK, or the CPU without CUDA); rank 0 prints one summary of all ranks:
+
+    torchrun --nproc_per_node 2 tools/infer.py -i FOLDER -o OUT --opt options/test_patchscaler.yml
+
+One image on two GPUs (group-parallel PGS; the paper's split: the hard group alone on the first GPU):
+
+    python tools/infer.py -i photo.jpg -o OUT --opt ... --devices cuda:0,cuda:1 --device-split paper
 """
 import argparse
 import os.path as osp
@@ -15,9 +24,11 @@ import sys
 REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 sys.path.insert(0, REPO)
 
-from patchscaler.inference import run  # noqa: E402  (importing patchscaler applies the fixes)
+from patchscaler.inference import DEVICE_SPLITS, InferSummary, run  # noqa: E402  (imports the fixes)
 from patchscaler.utils.cli import load_option_file, one_line  # noqa: E402
-from patchscaler.utils.errors import PatchScalerError  # noqa: E402
+from patchscaler.utils.device import enable_tf32  # noqa: E402
+from patchscaler.utils.distributed import all_gather, rank_device, torchrun_rank  # noqa: E402
+from patchscaler.utils.errors import ConfigError, PatchScalerError  # noqa: E402
 
 
 def main(argv=None):
@@ -37,12 +48,17 @@ def main(argv=None):
     p.add_argument('--devices', default=None, help='PGS group-parallel sampling on several devices, e.g. '
                    'cuda:0,cuda:1 (the paper: hard group on one GPU, the others on a second); encode, GRM, '
                    'retrieval and decode stay on --device. Same result as one device')
+    p.add_argument('--device-split', choices=DEVICE_SPLITS, default=None, help='how --devices share the PGS '
+                   'groups (replaces the sampler\'s device_groups / device_split): ' +
+                   '; '.join(f'{k}: {v}' for k, v in DEVICE_SPLITS.items()).replace('%', '%%'))
     p.add_argument('--grm-tile', type=int, default=None, help='run the GRM on overlapping latent tiles of this '
                    'size (large images: bounds its memory)')
     p.add_argument('--compile', action='store_true', help='torch.compile the GRM and the denoiser (GPU; the '
                    'first image of each size compiles)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
+    enable_tf32()  # CUDA float32 matmuls in TF32 (patchscaler.utils.device)
+    dist = torchrun_rank()  # (rank, world, local rank) under torchrun, else None
     try:
         opt = load_option_file(args.opt)
         if args.compile:
@@ -50,12 +66,23 @@ def main(argv=None):
         if args.grm_tile:
             opt['grm_tile'] = args.grm_tile
         devices = [d.strip() for d in args.devices.split(',') if d.strip()] if args.devices else None
-        summary = run(opt, args.input, args.output, args.device, args.ckpt, args.save_qmap,
-                      False if args.no_color_fix else None, args.tile, args.suffix, args.seed, not args.no_progress,
-                      devices)
+        device = args.device
+        if dist:
+            if devices or opt.get('pgs_devices'):
+                raise ConfigError('under torchrun each rank runs its images on its own device: --devices / '
+                                  'pgs_devices (one image over several devices) are for a single process')
+            device = rank_device(args.device, dist[2])
+        summary = run(opt, args.input, args.output, device, args.ckpt, args.save_qmap,
+                      False if args.no_color_fix else None, args.tile, args.suffix, args.seed,
+                      not args.no_progress and (not dist or dist[0] == 0), devices, args.device_split,
+                      dist[:2] if dist else None)
     except PatchScalerError as e:
-        print(f'error: {one_line(e)}', file=sys.stderr)
+        print(f'error: {f"rank {dist[0]}: " if dist else ""}{one_line(e)}', file=sys.stderr)
         sys.exit(2)
+    if dist:
+        summary = InferSummary.merge(all_gather(summary))
+        if dist[0] != 0:
+            return
     for line in summary.lines():
         print(line, file=sys.stderr if line.startswith('failed:') else sys.stdout)
     if summary.failures:

@@ -9,7 +9,8 @@
 one matmul and a top-K over a few thousand keys is a single kernel pair, while the faiss path passes NumPy
 arrays, i.e. copies the queries to the host and the results back, even to a GPU index. ``faiss`` with CUDA
 queries uses a GPU index when faiss was built with GPU support and sees a GPU, else the CPU index. Both are exact,
-so they return the same indices; scores agree to float32 rounding. Results come back on the queries' device, sorted by decreasing similarity.
+so they return the same indices; scores agree to float32 rounding.
+Results come back on the queries' device, sorted by decreasing similarity.
 """
 import torch
 
