@@ -242,3 +242,37 @@ def test_the_tools_enable_tf32(monkeypatch, tmp_path):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert seen == {'tf32': True}
+
+
+# ---------------------------------------------------------------- the GRM's Swin masks
+def test_swin_masks_are_made_once_per_size_not_per_forward(monkeypatch):
+    """BasicSR's Swin block rebuilt its shifted-window mask on the CPU (and copied it) at every forward at a latent
+    size other than img_size: 2 x depth x blocks builds per GRM call. The same output with one build per size."""
+    from basicsr.archs.swinir_arch import SwinTransformerBlock
+
+    from patchscaler.archs.grm_arch import GRM, _MaskCachingSwinBlock
+    builds = []
+    original = SwinTransformerBlock.calculate_mask
+    monkeypatch.setattr(SwinTransformerBlock, 'calculate_mask', lambda self, size: builds.append(size) or
+                        original(self, size))
+    monkeypatch.setattr(_MaskCachingSwinBlock, '_cache', __import__('collections').OrderedDict())
+    torch.manual_seed(0)
+    grm = GRM(in_channels=4, num_feat=16, num_blocks=2, depth=2, num_heads=2, window_size=4, img_size=8).eval()
+    reference = [m for m in grm.modules() if isinstance(m, SwinTransformerBlock)]
+    assert len(reference) == 4 and all(type(m) is _MaskCachingSwinBlock for m in reference)
+    x = torch.randn(1, 4, 12, 20)
+    builds.clear()
+    with torch.no_grad():
+        first = grm(x)
+        n_first = len(builds)
+        second = grm(x)
+    assert n_first == 2 and len(builds) == 2  # one per shift (0, window/2), none for the second call
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for m in reference:  # what BasicSR's block computes
+        m.__class__ = SwinTransformerBlock
+    with torch.no_grad():
+        plain = grm(x)
+    assert len(builds) > 2
+    for a, b in zip(first, plain):
+        assert torch.equal(a, b)

@@ -9,16 +9,44 @@ y_LR (latent of the bicubic-upsampled LR image) -> body -> two heads:
 
 The body is BasicSR's, chosen in YAML (``body: swin | rrdb``): residual Swin transformer blocks (RSTB,
 SwinIR) capture the long-range dependencies the paper asks of the GRM; RRDB (ESRGAN) is the all-conv
-alternative. Any latent size works: the Swin body pads to a multiple of the window and crops back.
+alternative. Any latent size works: the Swin body pads to a multiple of the window and crops back. BasicSR's
+Swin block builds its shifted-window mask on the CPU and copies it to the device on every forward at a size other
+than ``img_size``; here the masks are kept per (size, window, shift, device) instead (:class:`_MaskCachingSwinBlock`).
 """
+import collections
+import threading
+
 import torch
 from basicsr.archs.rrdbnet_arch import RRDB
-from basicsr.archs.swinir_arch import RSTB
+from basicsr.archs.swinir_arch import RSTB, SwinTransformerBlock
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from patchscaler.archs.autoencoder_arch import pad_to_multiple
 from patchscaler.utils.errors import ConfigError
+
+
+class _MaskCachingSwinBlock(SwinTransformerBlock):
+    """BasicSR's Swin block whose ``calculate_mask`` (called at every forward whose size is not the block's
+    ``input_resolution``: 2·depth·num_blocks mask builds on the CPU plus host-to-device copies per GRM call) returns
+    a mask kept on the block's device. The mask is a function of (size, window, shift) only, so one copy serves
+    every block and model; the last :attr:`CACHE_SIZE` are kept (at paper scale one mask is ~16 MB)."""
+
+    CACHE_SIZE = 8
+    _cache = collections.OrderedDict()
+    _lock = threading.Lock()
+
+    def calculate_mask(self, x_size):
+        device = self.norm1.weight.device
+        key = (tuple(int(v) for v in x_size), self.window_size, self.shift_size, device)
+        with self._lock:
+            mask = self._cache.get(key)
+            if mask is None:
+                mask = self._cache[key] = super().calculate_mask(x_size).to(device)
+                while len(self._cache) > self.CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+        return mask
 
 
 class _SwinBody(nn.Module):
@@ -32,6 +60,9 @@ class _SwinBody(nn.Module):
             RSTB(dim=num_feat, input_resolution=resolution, depth=depth, num_heads=num_heads,
                  window_size=window_size, mlp_ratio=mlp_ratio, img_size=img_size, patch_size=1)
             for _ in range(num_blocks))
+        for module in self.blocks.modules():
+            if type(module) is SwinTransformerBlock:
+                module.__class__ = _MaskCachingSwinBlock  # same parameters and buffers, cached masks
         self.norm = nn.LayerNorm(num_feat)
 
     def forward(self, feat):
@@ -56,7 +87,7 @@ class GRM(nn.Module):
         num_blocks (int): number of RSTB / RRDB blocks.
         depth (int): Swin layers per RSTB. num_heads, window_size, mlp_ratio: Swin settings.
         img_size (int): the latent size the Swin attention masks are precomputed for; other sizes work
-            (masks are then computed on the fly). Must exceed ``window_size`` to keep shifted windows.
+            (their masks are made once per size and device). Must exceed ``window_size`` to keep shifted windows.
         num_grow_ch (int): RRDB growth channels.
         conf_eps (float): lower clamp of C.
     """
