@@ -276,3 +276,37 @@ def test_swin_masks_are_made_once_per_size_not_per_forward(monkeypatch):
     assert len(builds) > 2
     for a, b in zip(first, plain):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- EMA and batches
+def test_ema_is_one_fused_update_with_basicsrs_formula(monkeypatch):
+    """BasicSR's model_ema ran mul_ + add_ per tensor (hundreds of kernel launches per step on a GPU); one
+    torch._foreach_lerp_ computes the same ema = decay * ema + (1 - decay) * param."""
+    import copy
+    from types import SimpleNamespace
+
+    from basicsr.models.base_model import BaseModel
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    ema = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    expected = {k: 0.99 * e.detach() + 0.01 * dict(net.named_parameters())[k].detach()
+                for k, e in ema.named_parameters()}
+    calls = []
+    fused = torch._foreach_lerp_
+    monkeypatch.setattr(torch, '_foreach_lerp_', lambda *a: calls.append(len(a[0])) or fused(*a))
+    model = SimpleNamespace(net_g=net, net_g_ema=ema, get_bare_model=lambda n: n)
+    BaseModel.model_ema(model, 0.99)
+    assert calls == [6]
+    for k, p in ema.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_paper_training_files_pin_their_batches():
+    import yaml
+    from conftest import ROOT
+    for name in ('train_patchscaler.yml', 'stablesr/train_stablesr_x4.yml'):
+        with open(f'{ROOT}/options/{name}') as f:
+            assert yaml.safe_load(f)['datasets']['train']['pin_memory'] is True, name

@@ -122,7 +122,7 @@ class RealESRGANDegradation:
     @torch.no_grad()
     def __call__(self, batch, scale, gt_size):
         o = self.opt
-        gt = batch['gt'].to(self.device)
+        gt = batch['gt'].to(self.device, non_blocking=True)  # pinned batches (pin_memory): an async copy
         if o['gt_usm']:  # Real-ESRGAN: sharpen, then both the LR and the target come from the sharpened GT
             gt = self.usm_sharpener(gt)
         h, w = gt.shape[-2:]

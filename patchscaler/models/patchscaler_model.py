@@ -251,8 +251,8 @@ class PatchScalerModel(BaseModel):
         if self.is_train and 'kernel1' in data:
             self.lq, self.gt = self.degradation(data, self.scale, self.gt_size)
         else:
-            self.lq = data['lq'].to(self.device)
-            self.gt = data['gt'].to(self.device) if 'gt' in data else None
+            self.lq = data['lq'].to(self.device, non_blocking=True)
+            self.gt = data['gt'].to(self.device, non_blocking=True) if 'gt' in data else None
 
     def encode_lr(self, lq):
         """y_LR: the bicubic ×scale of ``lq``, padded to the autoencoder's multiple, encoded (as the pipeline does)."""
