@@ -99,3 +99,14 @@ def test_min_snr_weights_are_the_papers_for_each_parameterisation():
     for bad in ({'type': 'p2'}, {'type': 'min_snr', 'gamma': 0}, {'type': 'min_snr', 'k': 1}):
         with pytest.raises(ConfigError):
             loss_weights(a_bar, bad)
+
+
+@pytest.mark.parametrize('execution', ['per_group', 'per_step'])
+def test_fused_walk_applies_the_schedulers_clip_sample(execution):
+    y0, conf = _inputs()
+    x0 = 2 * y0  # well outside [-1.5, 1.5]
+    s = _sampler(grouping=PAPER_SHARES, fuse_overlaps=True, execution=execution,
+                 scheduler={'type': 'DDIMScheduler', 'clip_sample': True, 'clip_sample_range': 1.5})
+    x, _ = s.sample(lambda x_t, t, c: c, y0, conf, cond=x0)
+    assert x0.abs().max() > 3
+    torch.testing.assert_close(x, x0.clamp(-1.5, 1.5))

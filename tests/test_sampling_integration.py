@@ -77,6 +77,24 @@ def test_benchmark_writes_json_and_markdown_with_exact_nfe_ratios(tmp_path, monk
     assert '| search (torch) |' in table
 
 
+def test_benchmark_compares_the_executions(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(osp.join(ROOT, 'tools'))
+    sys.modules.pop('benchmark', None)
+    import benchmark
+    out = tmp_path / 'bench'
+    benchmark.main(['--lr-size', '40', '--ae-factor', '4', '--patch-size', '8', '--repeats', '1', '--warmup', '0',
+                    '--shares', '0.4/0.3/0.3', '--executions', 'per_group', 'per_step', '--parts', 'pgs',
+                    '--model', 'tiny', '--out', str(out)])
+    rows = json.loads((out / 'benchmark.json').read_text())['pgs']
+    assert [r['execution'] for r in rows] == ['per_group', 'per_group', 'per_step']
+    group, step = rows[1], rows[2]
+    assert group['nfe'] == step['nfe'] and group['patches_per_group'] == step['patches_per_group']
+    n = group['patches_per_group']  # 81 patches, batch 64: every group in one batch, all three in two
+    assert max(n) <= 64 and group['denoiser_calls'] == 8 + 14 + 20
+    assert step['denoiser_calls'] == 6 + 6 + 8 * 2
+    assert '| pgs shares 0.4/0.3/0.3 per_step |' in (out / 'benchmark.md').read_text()
+
+
 def test_benchmark_stablesr_vs_pgs_same_unet(tmp_path, monkeypatch):
     """StableSR and StableSR+PGS from the demo options on one image: uniform does 20 evaluations per patch,
     PGS with the same UNet its groups' (8/14/20 per patch), and the ratios are written."""

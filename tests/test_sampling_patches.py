@@ -293,3 +293,22 @@ def test_blender_result_is_made_once():
     assert torch.equal(blender.result(), torch.ones(1, 1, 16, 16))
     with pytest.raises(RuntimeError, match='already'):
         blender.result()
+
+
+def test_gather_and_blender_copy_the_grid_to_the_device_once(monkeypatch):
+    """The patch starts and the window reach a device once per grid, not on every batch's gather or blend (each
+    host-to-device copy is a host sync on CUDA)."""
+    grid = PatchGrid.for_shape(29, 37, 8, 4)
+    x = torch.randn(2, 3, 29, 37)
+    idx = torch.arange(0, 2 * grid.num_patches, 3)
+    grid.gather(x, idx)
+    grid.blender(2, 3).add(idx, grid.gather(x, idx))
+    grid.patch_mean(x)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, 'tensor', lambda *a, **k: made.append(a) or real(*a, **k))
+    for _ in range(3):
+        blender = grid.blender(2, 3)
+        blender.add(idx, grid.gather(x, idx))
+        torch.testing.assert_close(grid.patch_mean(x), grid.patch_mean(x.clone()))
+    assert made == []

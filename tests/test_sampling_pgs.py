@@ -600,6 +600,18 @@ def test_eta_is_stochastic_but_seeded():
     assert (a - c).abs().max() > 1e-2 and (a - d).abs().max() > 1e-2
 
 
+def test_stochastic_steps_do_not_depend_on_the_batch_size():
+    """η > 0: the step noise is one draw per latent pixel and timestep, read patch by patch, like ε."""
+    _, y0 = latents()
+    conf = mixed_confidence()
+    outs = [PatchGroupSampler(patch_size=V, stride=STRIDE, eta=0.8, batch_size=bs).sample(
+        pixel_denoiser, y0, conf, cond=y0, seed=5)[0] for bs in (1, 7, 64)]
+    det = PatchGroupSampler(patch_size=V, stride=STRIDE).sample(pixel_denoiser, y0, conf, cond=y0, seed=5)[0]
+    assert (outs[0] - det).abs().max() > 1e-2
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-6, rtol=0)
+
+
 def test_eta_with_the_x0_oracle_still_returns_x0():
     x0, y0 = latents()
     sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, eta=1.0)
@@ -668,6 +680,26 @@ def test_stochastic_diffusers_scheduler_is_seeded():
     b, _ = sampler.sample(den, y0, mixed_confidence(), cond=y0, seed=1)
     c, _ = sampler.sample(den, y0, mixed_confidence(), cond=y0, seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize('timesteps,dtype', [([999.5, 612.25, 301.75, 20.5], torch.float32),
+                                              ([999, 612, 301, 20], torch.long)])
+def test_the_denoiser_gets_the_schedulers_own_timesteps_fractional_or_not(timesteps, dtype):
+    """Euler on custom float timesteps (a sigma schedule between the training steps): the denoiser sees them as
+    they are, a float tensor, not truncated to 999, 612, ...; integral ones stay long."""
+    from diffusers import EulerDiscreteScheduler
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, prediction_type='sample')
+    seen = []
+
+    def den(x_t, t, c):
+        seen.append(t)
+        return c
+    _, y0 = latents(b=1, h=V, w=V)
+    noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(0))
+    out = denoise(den, y0, noise, y0, timesteps, sched, 'sample')
+    assert [tuple(t.shape) for t in seen] == [(1,)] * 4 and all(t.dtype == dtype for t in seen)
+    assert [float(t[0]) for t in seen] == timesteps
+    torch.testing.assert_close(out, y0)
 
 
 def test_eta_is_refused_for_schedulers_with_their_own_update():

@@ -12,7 +12,9 @@ The denoiser is a random-init Patch-DiT (concat(y0, x_t), p = 2, x0 output, no p
 - ``pgs shares a/b/c``: the paper's groups (τ = 400/700/1000, N = 8/14/20) with the given share of
   patches in each group (grouping mode ``share``), from all-simple to all-hard;
 - ``overhead``: the same runs with an identity denoiser: the cost of patching, grouping, DDIM updates and
-  blending alone.
+  blending alone;
+- ``--executions per_group per_step``: the PGS scenarios once per sampler ``execution`` (per_step: the patches
+  active at a timestep share calls across groups); the tables give the denoiser calls of each.
 
 For each: median wall time over ``--repeats`` (after ``--warmup``; scenarios timed round-robin), NFE
 (patch evaluations), both as ratios to ``uniform``. PGS's saving is real when the wall ratio tracks the NFE
@@ -69,9 +71,11 @@ def pgs_scenarios(args):
     base.update(patch_size=args.patch_size, stride=args.patch_size // 2, batch_size=args.batch_size)
     uniform = dict(base, groups=[{'tau': 1000, 'steps': 20}], grouping=None)
     out = [('uniform (20 steps, τ=1000)', uniform)]
-    for shares in args.shares:
-        name = 'pgs shares ' + '/'.join(f'{s:g}' for s in shares)
-        out.append((name, dict(base, grouping={'mode': 'share', 'shares': shares})))
+    for execution in args.executions:
+        for shares in args.shares:
+            name = 'pgs shares ' + '/'.join(f'{s:g}' for s in shares) + ('' if execution == 'per_group' else
+                                                                         f' {execution}')
+            out.append((name, dict(base, grouping={'mode': 'share', 'shares': shares}, execution=execution)))
     return out
 
 
@@ -111,9 +115,10 @@ def run(args):
         report = t['result'][1]
         rows.append({'scenario': name, 'patches_per_group': list(report.patches_per_group),
                      'nfe': report.nfe_total, 'denoiser_calls': report.denoiser_calls,
+                     'execution': report.execution,
                      'wall_s': t['median_s'], 'wall_times_s': t['times_s'],
                      'overhead_s': o['median_s'], 'peak_mem_mb': t['peak_mem_mb']})
-        print(f"{name:32s} NFE {report.nfe_total:6d}  wall {t['median_s']:.3f} s  "
+        print(f"{name:40s} NFE {report.nfe_total:6d}  calls {report.denoiser_calls:4d}  wall {t['median_s']:.3f} s  "
               f"(sampler overhead {o['median_s']:.3f} s)", flush=True)
     ref = rows[0]
     for r in rows:
@@ -194,12 +199,14 @@ def markdown_pgs(result):
              f"denoiser {den['model']} ({den['params_m']:.1f} M params, random init"
              f"{', bf16' if den['bf16'] else ''}), batch {den['batch_size']}, median of {result['repeats']}.",
              '',
-             '| scenario | patches simple/medium/hard | NFE | NFE ratio | wall (s) | wall ratio | overhead (s) |',
-             '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+             '| scenario | patches simple/medium/hard | NFE | NFE ratio | calls | wall (s) | wall ratio | '
+             'overhead (s) |',
+             '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
     for r in result['pgs']:
         groups = '/'.join(map(str, r['patches_per_group'])) if len(r['patches_per_group']) > 1 else \
             f"{r['patches_per_group'][0]} (one group)"
-        lines.append(f"| {r['scenario']} | {groups} | {r['nfe']} | {r['nfe_ratio']:.2f} | {r['wall_s']:.2f} | "
+        lines.append(f"| {r['scenario']} | {groups} | {r['nfe']} | {r['nfe_ratio']:.2f} | {r['denoiser_calls']} | "
+                     f"{r['wall_s']:.2f} | "
                      f"{r['wall_ratio']:.2f} | {r['overhead_s']:.3f} |")
     return '\n'.join(lines) + '\n'
 
@@ -217,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument('--bf16', action='store_true', help='bf16 autocast for the denoiser')
     p.add_argument('--shares', type=lambda s: [float(v) for v in s.split('/')], nargs='+', default=list(SHARES),
                    help='PGS group shares to time, e.g. 0.4/0.3/0.3')
+    p.add_argument('--executions', nargs='+', choices=['per_group', 'per_step'], default=['per_group'],
+                   help='pgs: sampler executions to time, e.g. per_group per_step')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e', 'baselines', 'stablesr'],

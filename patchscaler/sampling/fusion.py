@@ -19,9 +19,13 @@ walk), and pixels that harder patches already cover keep their trajectory. Sched
 within each group and the groups blended at the end. NFE is the same as without fusion: each patch is evaluated
 once per step of its group.
 
-The texture prompt (``prepare_cond``) is still computed once per patch, at its group's entry, and reused for every
-step. The sampler's DDIM/DDPM update is used (``DDIMScheduler`` / ``DDPMScheduler``): other diffusers schedulers
-keep per-sample history that a fused latent whose pixels join at different steps does not have.
+The walk over the timesteps and its calls are :mod:`.stepwise`'s (:func:`~.stepwise.union_walk`,
+:class:`~.stepwise.ActivePatches`): with ``execution: per_group`` each batch of one group's patches is a call, with
+``per_step`` the calls of a timestep take up to ``batch_size`` patches of any group (fewer calls, the same
+result up to float rounding). The texture prompt (``prepare_cond``) is still computed once per patch, at its
+group's entry, and reused for every step. The sampler's DDIM/DDPM update is used (``DDIMScheduler`` /
+``DDPMScheduler``, with its ``clip_sample``): other diffusers schedulers keep per-sample history that a fused
+latent whose pixels join at different steps does not have.
 
 Measured (docs/detail_evaluation.md, "Why the demo added grain"): on the known-answer texture task fusion changes no
 figure against the default walk. The start noise is one draw per latent pixel, so overlapping patches already start
@@ -30,16 +34,12 @@ denoiser's token grid, not from the blend. It stays off by default (``fuse_overl
 """
 import torch
 
-from ..utils.errors import ConfigError
-from .schedules import ALPHA_TABLE_SCHEDULERS, _call, alpha_bar, ddim_step, q_sample, schedules_aligned, to_x0_eps
+from .schedules import _call, alpha_bar, clip_range, ddim_step, q_sample, schedules_aligned, step_noise, to_x0_eps
+from .stepwise import ActivePatches, call_cond, call_rows, check_stepwise, union_walk
 
 
 def check_fusable(scheduler, devices):
-    if type(scheduler).__name__ not in ALPHA_TABLE_SCHEDULERS:
-        raise ConfigError(f'fuse_overlaps uses the DDIM update of the scheduler\'s ᾱ table: use DDIMScheduler or '
-                          f'DDPMScheduler, not {type(scheduler).__name__}')
-    if devices and len(devices) > 1:
-        raise ConfigError('fuse_overlaps walks every patch in step; group-parallel devices need fuse_overlaps: false')
+    check_stepwise(scheduler, devices, 'fuse_overlaps')
 
 
 def timelines(timesteps):
@@ -48,47 +48,48 @@ def timelines(timesteps):
     return [groups] if schedules_aligned([timesteps[g] for g in groups]) else [[g] for g in groups]
 
 
-def fused_walk(net, grid, y0, noise, batches, conds, timesteps, scheduler, prediction_type, eta, window, sigma,
-               seed, on_step=None):
+def fused_walk(net, grid, y0, noise, timesteps, enter, scheduler, prediction_type, eta, window, sigma, seed,
+               batch_size=64, across_groups=False, device=None, on_step=None):
     """The fused reverse process of the module docstring on the padded latent ``y0``/``noise`` (B, c, hp, wp) of
-    ``grid`` (a :class:`PatchGrid` of the padded size). ``batches[g]``: the flat patch indices of group g in
-    batches; ``conds[g][i]``: the (prepared) conditioning of batch i. Returns [(groups, fused latent (B, c, hp, wp)
-    in float32)] per timeline: one entry holding every group when the schedules line up."""
-    b, c = y0.shape[:2]
+    ``grid`` (a :class:`PatchGrid` of the padded size). ``timesteps[g]``: group g's schedule (empty for a group
+    without patches); ``enter(g)`` -> [:class:`~.stepwise.Segment`] of group g's patches with their prepared
+    conditioning, called at its first timestep. ``across_groups``: the calls of a timestep take up to
+    ``batch_size`` patches of any group (execution: per_step), else one call per entry batch (per_group). The
+    denoiser runs on ``device`` (default: y0's). Returns [(groups, fused latent (B, c, hp, wp) in float32)] per
+    timeline: one entry holding every group when the schedules line up."""
+    b, c, v = y0.shape[0], y0.shape[1], grid.patch_size
+    device = torch.device(device or y0.device)
+    clip = clip_range(scheduler)
     done = []
     for line in timelines(timesteps):
         x = torch.zeros(y0.shape, dtype=torch.float32, device=y0.device)
         started = torch.zeros(b, 1, *y0.shape[-2:], dtype=torch.bool, device=y0.device)
-        walk = sorted({t for g in line for t in timesteps[g]}, reverse=True)
-        for i, t in enumerate(walk):
-            a_t = alpha_bar(scheduler, t)
-            entering = [g for g in line if timesteps[g][0] == t]
-            if entering:  # Eq. 7 for pixels no active patch has brought in yet
+        active = ActivePatches(batch_size, across_groups)
+        for step in union_walk([ts if g in line else [] for g, ts in enumerate(timesteps)]):
+            a_t = alpha_bar(scheduler, step.t)
+            if step.entering:  # Eq. 7 for pixels no active patch has brought in yet
+                segments = [s for g in step.entering for s in enter(g)]
                 cov = grid.blender(b, 1, 'uniform', device=y0.device)
-                for g in entering:
-                    for idx in batches[g]:
-                        cov.add(idx, torch.ones(len(idx), 1, grid.patch_size, grid.patch_size, device=y0.device))
+                for s in segments:
+                    cov.add(s.idx, torch.ones(len(s), 1, v, v, device=y0.device))
                 new = cov.result(partial=True)[1] & ~started
                 x = torch.where(new, q_sample(y0.float(), noise.float(), a_t), x)
                 started |= new
+                active.enter(segments)
             blender = grid.blender(b, c, window, sigma, y0.device)
-            for g in line:
-                if t not in timesteps[g]:
-                    continue
-                for idx, cond in zip(batches[g], conds[g]):
-                    x_t = grid.gather(x, idx)
-                    model_out = _call(net, x_t.to(y0.dtype), t, cond, torch.float32)
-                    blender.add(idx, to_x0_eps(model_out, x_t, a_t, prediction_type)[0])
-                    if on_step:
-                        on_step()
+            for pieces in active.calls(step.groups):
+                idx = call_rows(pieces, 'idx')
+                x_t = grid.gather(x, idx)
+                model_out = _call(net, x_t.to(device, y0.dtype), step.t, call_cond(pieces), torch.float32)
+                blender.add(idx, to_x0_eps(model_out.to(x_t.device), x_t, a_t, prediction_type)[0])
+                if on_step:
+                    on_step()
             x0, covered = blender.result(torch.float32, partial=True)
-            t_prev = walk[i + 1] if i + 1 < len(walk) else -1
-            step_noise = None
-            if eta:
-                # integers only: hash() of a str differs between processes
-                gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(t)) % 2 ** 63)
-                step_noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device)
-            x = torch.where(covered, ddim_step(x0, x, a_t, alpha_bar(scheduler, t_prev), 'sample', eta, step_noise),
+            # aligned: every stepping group's next timestep is the walk's next one
+            t_prev = step.prev[step.groups[0]]
+            eps = step_noise(seed, step.t, x.shape).to(x.device) if eta else None
+            x = torch.where(covered, ddim_step(x0, x, a_t, alpha_bar(scheduler, t_prev), 'sample', eta, eps, clip),
                             x)
+            active.leave(step.leaving)
         done.append((line, x))
     return done

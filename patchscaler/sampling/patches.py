@@ -57,6 +57,19 @@ def blend_window(kind, size, sigma=0.1):
     return torch.outer(w, w).clamp_min(1e-300)
 
 
+@lru_cache(maxsize=64)
+def _window_on(kind, size, sigma, device, dtype):
+    return blend_window(kind, size, sigma).to(device, dtype)
+
+
+@lru_cache(maxsize=64)
+def _index_on(grid, device):
+    """(patch rows, patch cols, boxes) of ``grid`` as long tensors on ``device``, made once per grid and device:
+    a host-to-device copy on every gather or blend would be a host sync per batch on CUDA."""
+    return (torch.tensor(grid.rows, device=device), torch.tensor(grid.cols, device=device),
+            torch.tensor(grid.boxes(), device=device))
+
+
 @dataclass(frozen=True)
 class PatchGrid:
     """Where the V×V patches of an (h, w) latent lie. Patch m = row-major index over (rows, cols)."""
@@ -122,8 +135,9 @@ class PatchGrid:
         idx = torch.as_tensor(idx, device=x.device).long()
         m, v = self.num_patches, self.patch_size
         ar = torch.arange(v, device=x.device)
-        rows = torch.tensor(self.rows, device=x.device)[(idx % m) // len(self.cols)][:, None] + ar  # (n, V)
-        cols = torch.tensor(self.cols, device=x.device)[(idx % m) % len(self.cols)][:, None] + ar  # (n, V)
+        starts_y, starts_x, _ = _index_on(self, x.device)
+        rows = starts_y[(idx % m) // len(self.cols)][:, None] + ar  # (n, V)
+        cols = starts_x[(idx % m) % len(self.cols)][:, None] + ar  # (n, V)
         p = self.pad(x)[(idx // m)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, V, V, C)
         return p.permute(0, 3, 1, 2).contiguous()
 
@@ -163,8 +177,7 @@ class PatchGrid:
         """
         self.check(x)
         integral = F.pad(x.double().sum(1).cumsum(1).cumsum(2), (1, 0, 1, 0))  # (B, h+1, w+1)
-        box = torch.tensor(self.boxes(), device=x.device)
-        top, left, bottom, right = box.unbind(1)
+        top, left, bottom, right = _index_on(self, x.device)[2].unbind(1)
         s = integral[:, bottom, right] - integral[:, top, right] - integral[:, bottom, left] + integral[:, top, left]
         area = ((bottom - top) * (right - left) * x.shape[1]).double()
         return (s / area).to(x.dtype if x.is_floating_point() else torch.float32)
@@ -187,15 +200,14 @@ class PatchBlender:
         # float64 sums make patchify -> blend exact for float32 and below; MPS has no float64.
         self.dtype = torch.float32 if device.type == 'mps' else torch.float64
         v = grid.patch_size
-        self.weight = blend_window(window, v, sigma).to(device, self.dtype)
+        self.weight = _window_on(window, v, float(sigma), device, self.dtype)
         hp, wp = grid.padded_size
         self.num = torch.zeros(self.batch * self.channels * hp * wp, dtype=self.dtype, device=device)
         self.den = torch.zeros(self.batch * hp * wp, dtype=self.dtype, device=device)
         ar = torch.arange(v, device=device)
         self._pixel = ar[:, None] * wp + ar[None, :]  # (V, V): offsets of a patch's pixels in one plane
         self._plane = torch.arange(self.channels, device=device) * (hp * wp)  # (C,)
-        self._rows = torch.tensor(grid.rows, device=device)
-        self._cols = torch.tensor(grid.cols, device=device)
+        self._rows, self._cols, _ = _index_on(grid, device)
 
     def add(self, idx, patches):
         """Add patches (n, C, V, V) whose flat indices over (B, M) are ``idx`` (n,)."""

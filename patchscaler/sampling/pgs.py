@@ -17,14 +17,25 @@ time-independent conditioning such as the texture prompt: computed once per patc
 If it has a ``denoiser`` parameter, it gets the denoiser that batch runs on (the copy on that device).
 
 Memory. Patches are read from y0, the noise and spatial conditioning batch by batch and blended into the
-latent as they come (:class:`PatchBlender`): PGS holds y0, its noise and a float64 sum of the latent, never the
-full set of patches (4× the latent at stride V/2), so its memory grows with the image, not with the overlap.
+latent as they come (:class:`PatchBlender`): the per-group walk holds y0, its noise and a float64 sum of the latent,
+never the full set of patches (4× the latent at stride V/2), so its memory grows with the image, not with the
+overlap (``execution: per_step`` holds more, see Execution).
 
 Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then
 read patch by patch, so overlapping patches see the same noise at the same pixel, a patch's start does not
-depend on the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. Stochastic
-steps (η > 0, or a stochastic diffusers scheduler) draw from a generator seeded by (seed, group, first
-patch of the batch): seeded, but dependent on the batch size.
+depend on the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. The noise
+of stochastic DDIM steps (η > 0) is drawn the same way, one latent per timestep from (seed, t)
+(:func:`~patchscaler.sampling.schedules.step_noise`): a patch's trajectory does not depend on the batch size or
+the execution either. The per-group walk keeps the step-noise latents of all its timesteps for the call (20
+latents for the paper's groups; only with η > 0). Stochastic diffusers schedulers (e.g. SDE-DPM-Solver++) draw
+from a generator seeded by (seed, group, first patch of the batch): seeded, but dependent on the batch size.
+
+Execution. ``execution: per_group`` (default) takes each batch of a group's patches through the group's whole
+schedule: sum_g ceil(n_g / batch_size)·N_g denoiser calls; it holds one batch's x_t. ``per_step`` walks the
+union of the groups' timesteps and denoises all patches active at a timestep in calls of up to ``batch_size``
+patches across groups (:mod:`patchscaler.sampling.stepwise`): for the paper's groups with every patch in one
+batch, 20 calls instead of 42; the same result up to float rounding; it holds the x_t and prepared conditioning
+of every patch that has entered and not finished (at most all M patches). DDIM/DDPM schedulers on one device only.
 
 Devices. ``devices=['cuda:0', 'cuda:1']`` runs groups concurrently, one thread per device (the paper puts
 the hard group on one GPU and the others on a second, +33.7 %). Groups go to devices by
@@ -46,7 +57,7 @@ import torch
 from ..registry import SAMPLERS
 from ..utils.device import placement
 from ..utils.errors import ConfigError, InputError
-from .fusion import check_fusable, fused_walk
+from .fusion import check_fusable, fused_walk, timelines
 from .grouping import GroupAssigner, check_confidence
 from .patches import PatchGrid, blend_window
 from .schedules import (
@@ -55,11 +66,14 @@ from .schedules import (
     calls_per_patch,
     denoise,
     schedules_aligned,
+    step_noise,
     trailing_timesteps,
 )
+from .stepwise import Segment, check_stepwise, count_calls, stepwise_walk
 
 PAPER_GROUPS = ({'tau': 400, 'steps': 8}, {'tau': 700, 'steps': 14}, {'tau': 1000, 'steps': 20})
 GROUP_NAMES = {1: ('all',), 2: ('simple', 'hard'), 3: ('simple', 'medium', 'hard')}
+EXECUTIONS = ('per_group', 'per_step')
 
 
 class PerPatch:
@@ -85,6 +99,7 @@ class PGSReport:
     uniform_steps: int
     denoiser_calls: int
     cond_calls: int
+    execution: str  # 'per_group' or 'per_step'
     qmap: torch.Tensor  # (B, M)
     groups: torch.Tensor  # (B, M)
     thresholds: torch.Tensor  # (B, G-1)
@@ -100,10 +115,16 @@ class PGSReport:
     def nfe_ratio(self):
         return self.nfe_total / max(self.nfe_uniform, 1)
 
+    @property
+    def mean_patches_per_call(self):
+        """Patches per denoiser call, on average (NFE / calls): how full the batches were."""
+        return self.nfe_total / max(self.denoiser_calls, 1)
+
     def summary(self):
         parts = ', '.join(f'{n} {c}' for n, c in zip(self.group_names, self.patches_per_group))
         return (f'PGS: {self.num_patches} patches ({parts}); NFE {self.nfe_total} vs {self.nfe_uniform} for uniform '
-                f'{self.uniform_steps}-step sampling = {self.nfe_ratio:.2f}x')
+                f'{self.uniform_steps}-step sampling = {self.nfe_ratio:.2f}x; {self.denoiser_calls} denoiser calls '
+                f'({self.mean_patches_per_call:.1f} patches each, {self.execution})')
 
 
 class _Spatial:
@@ -162,11 +183,17 @@ class PatchGroupSampler:
         fuse_overlaps (bool): walk the timesteps in step and fuse overlapping patches at every step where they
             share a timestep (:mod:`patchscaler.sampling.fusion`); False: each patch's whole schedule on its own,
             blended once at the end. The same NFE either way.
+        execution (str): 'per_group' (default): each batch of a group's patches runs its whole schedule;
+            'per_step': walk the union of the groups' timesteps and denoise every patch active at a timestep in
+            calls of up to batch_size patches across groups (:mod:`patchscaler.sampling.stepwise`): fewer calls,
+            the same result; DDIM/DDPM schedulers and one device only. With ``fuse_overlaps`` it picks how the
+            fused walk batches its calls.
     """
 
     def __init__(self, patch_size=16, stride=None, groups=PAPER_GROUPS, grouping=None, scheduler=None,
                  prediction_type=None, eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
-                 uniform_steps=None, devices=None, device_groups=None, progress=False, fuse_overlaps=False):
+                 uniform_steps=None, devices=None, device_groups=None, progress=False, fuse_overlaps=False,
+                 execution='per_group'):
         self.groups = _parse_groups(groups)
         self.scheduler, prediction_type = build_scheduler(scheduler, prediction_type)
         t_max = int(self.scheduler.config.num_train_timesteps)
@@ -197,6 +224,11 @@ class PatchGroupSampler:
         self.fuse_overlaps = bool(fuse_overlaps)
         if self.fuse_overlaps:
             check_fusable(self.scheduler, self.devices)
+        if execution not in EXECUTIONS:
+            raise ConfigError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
+        self.execution = execution
+        if execution == 'per_step':
+            check_stepwise(self.scheduler, self.devices, 'execution: per_step')
         n = len(self.groups)
         self.group_names = GROUP_NAMES.get(n, tuple(f'group{g}' for g in range(n)))
 
@@ -251,17 +283,33 @@ class PatchGroupSampler:
         return int(torch.tensor(self.calls)[groups.long().cpu()].sum()), groups.numel() * self.uniform_steps
 
     # ---------------------------------------------------------------- sampling
-    def _plan(self, groups_flat):
-        """[(device index, group, patch indices)] batches, and the per-device group lists."""
+    def _plan(self, groups_flat, home):
+        """Per device, the batches [(group, its first patch (an int), patch indices on ``home``)], hardest group
+        first; and the patches per group. The indices reach ``home`` in one copy and the first patches are read on
+        the CPU: no host-device sync per batch."""
         n_dev = len(self.devices) if self.devices else 1
-        counts = [int((groups_flat == g).sum()) for g in range(len(self.groups))]
+        by_group = [torch.nonzero(groups_flat == g).flatten() for g in range(len(self.groups))]
+        counts = [len(idx) for idx in by_group]
+        on_home = torch.cat(by_group).to(home).split(counts)
         buckets = self.device_groups or _lpt([c * n for c, n in zip(counts, self.calls)], n_dev)
         plan = [[] for _ in range(n_dev)]
         for d, gs in enumerate(buckets):
             for g in sorted(gs, reverse=True):
-                idx = torch.nonzero(groups_flat == g).flatten()
-                plan[d] += [(g, idx[i:i + self.batch_size]) for i in range(0, len(idx), self.batch_size)]
+                firsts = by_group[g][::self.batch_size].tolist()
+                plan[d] += [(g, first, on_home[g][i:i + self.batch_size])
+                            for first, i in zip(firsts, range(0, counts[g], self.batch_size))]
         return plan, counts
+
+    def count_calls(self, counts):
+        """Denoiser calls of one :meth:`sample` with ``counts`` patches per group (what the progress bar counts)."""
+        per_group = sum(-(-c // self.batch_size) * n for c, n in zip(counts, self.calls))
+        if self.execution == 'per_group':
+            return per_group
+        timesteps = [ts if c else [] for ts, c in zip(self.timesteps, counts)]
+        if not self.fuse_overlaps:
+            return count_calls(timesteps, counts, self.batch_size)
+        return sum(count_calls([ts if g in line else [] for g, ts in enumerate(timesteps)], counts, self.batch_size)
+                   for line in timelines(timesteps))
 
     def replicate(self, denoiser, devices=None):
         """One denoiser per device of ``devices`` (default: the sampler's): ``denoiser`` itself where it already
@@ -315,23 +363,37 @@ class PatchGroupSampler:
         # patches are read from y0 and the noise batch by batch and blended in as they come (bounded memory)
         blender = grid.blender(b, y0.shape[1], self.blend, self.blend_sigma, y0.device)
         groups_flat = groups.flatten()
-        plan, counts = self._plan(groups_flat)
+        plan, counts = self._plan(groups_flat, y0.device)
         devices = self.devices or [y0.device]
         takes_net = prepare_cond is not None and 'denoiser' in inspect.signature(prepare_cond).parameters
         nets = self.replicate(denoiser, devices)
-        calls = sum(-(-c // self.batch_size) * n for c, n in zip(counts, self.calls))
+        timesteps = [ts if c else [] for ts, c in zip(self.timesteps, counts)]  # groups without patches: no walk
         stats = {'calls': 0, 'cond': 0, 'seconds': {}}
         lock = threading.Lock()
         bar = None
         if self.progress:
             from tqdm import tqdm
-            bar = tqdm(total=calls, desc='PGS', unit='call', leave=False)
+            bar = tqdm(total=self.count_calls(counts), desc='PGS', unit='call', leave=False)
 
         def on_step():
             with lock:
                 stats['calls'] += 1
                 if bar is not None:
                     bar.update(1)
+
+        def prepared(idx, dev, net):
+            """The conditioning of patches ``idx``, prepared once for all their steps."""
+            c = cond_at(idx, dev)
+            if prepare_cond is not None:
+                c = prepare_cond(c, denoiser=net) if takes_net else prepare_cond(c)
+                with lock:
+                    stats['cond'] += 1
+            return c
+
+        def enter(g):
+            """Group g's batches as they enter a step-synchronous walk (one device)."""
+            dev = torch.device(devices[0])
+            return [Segment(g, home, prepared(home, dev, nets[0])) for gg, _, home in plan[0] if gg == g]
 
         # grad mode and autocast are thread-local: worker threads get the caller's, so a threaded run computes
         # exactly what the sequential one does (and builds no autograd graph)
@@ -347,43 +409,42 @@ class PatchGroupSampler:
 
         def run_batches(d, dev):
             t0, net = time.perf_counter(), nets[d]
-            for g, idx in plan[d]:
-                c = cond_at(idx, dev)
-                if prepare_cond is not None:
-                    c = prepare_cond(c, denoiser=net) if takes_net else prepare_cond(c)
-                    with lock:
-                        stats['cond'] += 1
-                gen = torch.Generator().manual_seed(hash((seed, g, int(idx[0]))) % 2 ** 63)
-                home = idx.to(y0.device)
+            # η > 0: each timestep's step noise, drawn once for the whole latent and read batch by batch
+            eps = {t: step_noise(seed, t, noise.shape).to(y0.device, y0.dtype)
+                   for t in {t for g, _, _ in plan[d] for t in self.timesteps[g]}} if self.eta else {}
+            for g, first, home in plan[d]:
+                c = prepared(home, dev, net)
+                gen = torch.Generator().manual_seed(hash((seed, g, first)) % 2 ** 63)
+                noise_at = (lambda t, home=home: padded.gather(eps[t], home).to(dev)) if self.eta else None
                 x = denoise(net, padded.gather(y0_src, home).to(dev), padded.gather(noise, home).to(dev), c,
-                            self.timesteps[g], self.scheduler, self.prediction_type, self.eta, gen, on_step)
+                            self.timesteps[g], self.scheduler, self.prediction_type, self.eta, gen, on_step,
+                            noise_at)
                 with lock:
                     blender.add(home, x.to(y0.device, y0.dtype))
             stats['seconds'][f'{d}:{devices[d]}'] = time.perf_counter() - t0
 
+        def run_stepwise():
+            t0 = time.perf_counter()
+            stepwise_walk(nets[0], padded, y0_src, noise, timesteps, enter,
+                          lambda s: blender.add(s.idx, s.x.to(y0.device, y0.dtype)), self.scheduler,
+                          self.prediction_type, self.eta, seed, self.batch_size, devices[0], on_step)
+            stats['seconds'][f'0:{devices[0]}'] = time.perf_counter() - t0
+
         def run_fused():
-            t0, net, dev = time.perf_counter(), nets[0], torch.device(devices[0])
-            batches = {g: [idx.to(y0.device) for gg, idx in plan[0] if gg == g] for g in range(len(self.groups))}
-            conds = {}
-            for g, idxs in batches.items():
-                conds[g] = []
-                for idx in idxs:
-                    c = cond_at(idx, dev)
-                    if prepare_cond is not None:
-                        c = prepare_cond(c, denoiser=net) if takes_net else prepare_cond(c)
-                        stats['cond'] += 1
-                    conds[g].append(c)
-            timesteps = [ts if batches[g] else [] for g, ts in enumerate(self.timesteps)]
-            for line, x in fused_walk(net, padded, y0_src, noise, batches, conds, timesteps, self.scheduler,
-                                      self.prediction_type, self.eta, self.blend, self.blend_sigma, seed, on_step):
+            t0 = time.perf_counter()
+            for line, x in fused_walk(nets[0], padded, y0_src, noise, timesteps, enter, self.scheduler,
+                                      self.prediction_type, self.eta, self.blend, self.blend_sigma, seed,
+                                      self.batch_size, self.execution == 'per_step', devices[0], on_step):
                 for g in line:
-                    for idx in batches[g]:
-                        blender.add(idx, padded.gather(x, idx).to(y0.dtype))
+                    for home in [home for gg, _, home in plan[0] if gg == g]:
+                        blender.add(home, padded.gather(x, home).to(y0.dtype))
             stats['seconds'][f'0:{devices[0]}'] = time.perf_counter() - t0
 
         try:
             if self.fuse_overlaps:
                 run_fused()
+            elif self.execution == 'per_step':
+                run_stepwise()
             elif len(plan) == 1:
                 run_batches(0, torch.device(devices[0]))
             else:
@@ -400,7 +461,8 @@ class PatchGroupSampler:
             steps=tuple(self.calls), timesteps=tuple(tuple(ts) for ts in self.timesteps),
             aligned=schedules_aligned(self.timesteps), patches_per_group=tuple(counts),
             nfe_per_patch=nfe_per_patch, nfe_total=nfe_total, nfe_uniform=nfe_uniform, uniform_steps=self.uniform_steps,
-            denoiser_calls=stats['calls'], cond_calls=stats['cond'], qmap=qmap.cpu(), groups=groups,
+            denoiser_calls=stats['calls'], cond_calls=stats['cond'], execution=self.execution, qmap=qmap.cpu(),
+            groups=groups,
             thresholds=thr.cpu(), grid=grid, seconds=time.perf_counter() - start,
             seconds_per_device=stats['seconds'])
         return x0, report

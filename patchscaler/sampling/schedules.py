@@ -16,10 +16,12 @@ Start point (Eq. 7). The reverse process of a group starts at its first timestep
 Update rule. ``DDIMScheduler`` and ``DDPMScheduler`` use :func:`ddim_step` below: deterministic for
 η = 0, DDPM-like ancestral for η = 1; after the last timestep ᾱ_prev = the scheduler's
 ``final_alpha_cumprod`` (1.0 with ``set_alpha_to_one``), so the last step returns the model's x0 estimate.
+Its noise for η > 0 is :func:`step_noise`, one draw per latent pixel and timestep.
 Other diffusers schedulers (DPM-Solver++, Euler, Heun, LCM, … — those whose ``set_timesteps`` takes
 custom timesteps) plug in unchanged: a
 fresh copy per batch gets ``set_timesteps(timesteps=...)`` and drives ``add_noise`` /
-``scale_model_input`` / ``step``; they must accept custom timesteps. A DDIM/DDPM scheduler built from a
+``scale_model_input`` / ``step``; they must accept custom timesteps. The denoiser gets the scheduler's own
+timestep values (a float tensor where they are fractional, :func:`timestep_batch`). A DDIM/DDPM scheduler built from a
 dict gets ``clip_sample: false`` unless the dict says otherwise: diffusers' default clamps the x0 estimate
 to ±1, which suits pixel-space models, not latents.
 """
@@ -180,6 +182,20 @@ def loss_weights(a_bar, weighting=None, prediction_type='sample'):
     return w
 
 
+def clip_range(scheduler):
+    """The x0 clamp of a DDIM/DDPM scheduler's config (``clip_sample_range`` when ``clip_sample``), else None."""
+    return scheduler.config.get('clip_sample_range', 1.0) if scheduler.config.get('clip_sample') else None
+
+
+def step_noise(seed, t, shape):
+    """The noise of the stochastic DDIM step at timestep t (η > 0): one draw per latent pixel (``shape``, the
+    padded latent) from (seed, t) on the CPU, read patch by patch like the start noise ε. So a patch's step noise
+    depends on its pixels, the seed and t, not on which patches share its batch, the walk or the device."""
+    # integers only: hash() of a str differs between processes
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(t)) % 2 ** 63)
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
 def ddim_step(model_output, sample, a_t, a_prev, prediction_type='sample', eta=0.0, noise=None,
               clip_range=None):
     """One DDIM update x_t -> x_prev (Song et al., Eq. 12) from ᾱ_t and ᾱ_prev; η = 0 is deterministic."""
@@ -195,8 +211,18 @@ def ddim_step(model_output, sample, a_t, a_prev, prediction_type='sample', eta=0
     return prev
 
 
+def timestep_batch(t, n, device):
+    """t for a batch of n: a long tensor when t is integral (DDIM's; diffusers' float-typed integral timesteps),
+    a float32 one when it is fractional (a sigma schedule's timesteps): the scheduler's own value, not truncated.
+    ``t``: a Python number (a tensor is read with ``.item()``: a host sync on a GPU, so callers pass numbers)."""
+    value = t.item() if torch.is_tensor(t) else t
+    if float(value).is_integer():
+        return torch.full((n,), int(value), device=device, dtype=torch.long)
+    return torch.full((n,), float(value), device=device, dtype=torch.float32)
+
+
 def _call(denoiser, x, t, cond, dtype):
-    out = denoiser(x, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long), cond)
+    out = denoiser(x, timestep_batch(t, x.shape[0], x.device), cond)
     out = getattr(out, 'sample', out)  # diffusers models return an output object
     if not torch.is_tensor(out) or out.shape != x.shape:
         raise InputError(f'the denoiser must return a tensor shaped like x_t {tuple(x.shape)}, got '
@@ -205,24 +231,28 @@ def _call(denoiser, x, t, cond, dtype):
 
 
 def denoise(denoiser, y0, noise, cond, timesteps, scheduler, prediction_type='sample', eta=0.0,
-            generator=None, on_step=None):
+            generator=None, on_step=None, noise_at=None):
     """One group's reverse process for a batch of patches: from y_τ (Eq. 7) through ``timesteps`` to x0.
 
-    ``denoiser(x_t, t, cond)`` is called once per timestep on the whole batch (t: long tensor (n,)).
-    ``generator`` (a CPU torch.Generator) supplies the noise of stochastic steps (η > 0 or an ancestral
-    diffusers scheduler). ``on_step()`` is called after every denoiser call (progress bars).
+    ``denoiser(x_t, t, cond)`` is called once per timestep on the whole batch (t: (n,), long for integral
+    timesteps, float32 for fractional ones, see :func:`timestep_batch`). ``noise_at(t)`` gives the noise of
+    the stochastic DDIM step at t (η > 0), shaped like y0 (PGS reads :func:`step_noise` patch by patch);
+    without it, and for stochastic diffusers schedulers, ``generator`` (a CPU torch.Generator) supplies it.
+    ``on_step()`` is called after every denoiser call (progress bars).
     """
-    def step_noise():
+    def eps_at(t):
+        if noise_at is not None:
+            return noise_at(t)
         return torch.randn(y0.shape, generator=generator, dtype=torch.float32).to(y0.device, y0.dtype)
 
     if type(scheduler).__name__ in ALPHA_TABLE_SCHEDULERS:
         x = q_sample(y0, noise, alpha_bar(scheduler, timesteps[0]))
-        clip = scheduler.config.get('clip_sample_range', 1.0) if scheduler.config.get('clip_sample') else None
+        clip = clip_range(scheduler)
         for i, t in enumerate(timesteps):
             out = _call(denoiser, x, t, cond, x.dtype)
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             x = ddim_step(out, x, alpha_bar(scheduler, t), alpha_bar(scheduler, t_prev), prediction_type, eta,
-                          step_noise() if eta else None, clip)
+                          eps_at(t) if eta else None, clip)
             if on_step:
                 on_step()
         return x
@@ -230,8 +260,9 @@ def denoise(denoiser, y0, noise, cond, timesteps, scheduler, prediction_type='sa
     sched.set_timesteps(timesteps=list(timesteps), device=y0.device)
     x = sched.add_noise(y0, noise, sched.timesteps[:1].repeat(y0.shape[0]))
     step_kwargs = {'generator': generator} if 'generator' in inspect.signature(sched.step).parameters else {}
-    for t in sched.timesteps:
-        out = _call(denoiser, sched.scale_model_input(x, t), t, cond, x.dtype)
+    host = sched.timesteps.tolist()  # one read per run, not a host sync per step
+    for t, value in zip(sched.timesteps, host):
+        out = _call(denoiser, sched.scale_model_input(x, t), value, cond, x.dtype)
         x = sched.step(out, t, x, **step_kwargs).prev_sample.to(y0.dtype)
         if on_step:
             on_step()
