@@ -225,7 +225,7 @@ def parse_args(argv=None):
     p.add_argument('--shares', type=lambda s: [float(v) for v in s.split('/')], nargs='+', default=list(SHARES),
                    help='PGS group shares to time, e.g. 0.4/0.3/0.3')
     p.add_argument('--executions', nargs='+', choices=['per_group', 'per_step'], default=['per_group'],
-                   help='pgs: sampler executions to time, e.g. per_group per_step')
+                   help='pgs and e2e: sampler executions to time, e.g. per_group per_step')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--parts', nargs='+', choices=['pgs', 'retrieval', 'dit', 'e2e', 'baselines', 'stablesr'],

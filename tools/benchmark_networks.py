@@ -156,6 +156,8 @@ def run_e2e(args):
         weights += f', groups by share {"/".join(map(str, RANDOM_INIT_SHARES))}'
     uniform_opt = dict(pgs_opt, groups=[{'tau': 1000, 'steps': 20}], grouping=None)
     variants = [('uniform (20 steps, τ=1000)', _variant(pipe, uniform_opt)), ('PGS', _variant(pipe, pgs_opt))]
+    if 'per_step' in getattr(args, 'executions', ()):  # step-synchronous PGS: the same patches, fewer calls
+        variants.append(('PGS per_step', _variant(pipe, dict(pgs_opt, execution='per_step'))))
     if args.devices:
         variants.append((f"PGS on {','.join(args.devices)}", _variant(pipe, pgs_opt, args.devices)))
     from skimage import data
@@ -172,6 +174,7 @@ def run_e2e(args):
         rows.append({'variant': name, 'wall_s': t['median_s'], 'peak_mem_mb': t['peak_mem_mb'],
                      'megapixels_per_s': out_mp / t['median_s'], 'stages_s': stages,
                      'stage_share': {k: v / total for k, v in stages.items()}, 'nfe': out.report.nfe_total,
+                     'denoiser_calls': out.report.denoiser_calls,
                      'patches_per_group': list(out.report.patches_per_group)})
     for r in rows:
         r['wall_ratio'], r['nfe_ratio'] = r['wall_s'] / rows[0]['wall_s'], r['nfe'] / rows[0]['nfe']
@@ -344,12 +347,13 @@ def markdown_e2e(result):
     lines = [f"End to end, {e['opt']} ({e['weights']}{', bf16 autocast' if e.get('autocast') else ''}), LR "
              f"{e['lr_size']}² → ×{e['scale']} on {result['device_name']} ({result['device']}, {result['threads']} "
              f"threads), median of {result['repeats']}, variants timed round-robin:", '',
-             '| variant | patches per group | NFE | NFE ratio | wall (s) | wall ratio | output MP/s | '
+             '| variant | patches per group | NFE | NFE ratio | calls | wall (s) | wall ratio | output MP/s | '
              + ('peak GPU memory (MiB) | ' if mem else '') + ' | '.join(stages) + ' |',
-             '| --- | --- |' + ' ---: |' * (5 + mem + len(stages))]
+             '| --- | --- |' + ' ---: |' * (6 + mem + len(stages))]
     for r in e['rows']:
         share = ' | '.join(f"{r['stages_s'][k]:.2f} s ({100 * r['stage_share'][k]:.0f}%)" for k in stages)
-        lines.append(f"| {r['variant']} | {'/'.join(map(str, r['patches_per_group']))} | {r['nfe']} | "
-                     f"{r['nfe_ratio']:.2f} | {r['wall_s']:.2f} | {r['wall_ratio']:.2f} | "
+        groups = '/'.join(map(str, r['patches_per_group']))
+        lines.append(f"| {r['variant']} | {groups} | {r['nfe']} | {r['nfe_ratio']:.2f} | "
+                     f"{r.get('denoiser_calls', '')} | {r['wall_s']:.2f} | {r['wall_ratio']:.2f} | "
                      f"{r['megapixels_per_s']:.3f} | " + (f"{r['peak_mem_mb']:.0f} | " if mem else '') + share + ' |')
     return '\n'.join(lines) + '\n'
