@@ -310,3 +310,24 @@ def test_paper_training_files_pin_their_batches():
     for name in ('train_patchscaler.yml', 'stablesr/train_stablesr_x4.yml'):
         with open(f'{ROOT}/options/{name}') as f:
             assert yaml.safe_load(f)['datasets']['train']['pin_memory'] is True, name
+
+
+# ---------------------------------------------------------------- CUDA: the same numbers, to a tolerance
+@pytest.mark.gpu
+def test_blend_qmap_and_pgs_on_cuda_match_the_cpu_to_a_tolerance():
+    """index_add_ and cumsum accumulate in no fixed order on CUDA: bit-exact on the CPU, close on the GPU."""
+    from patchscaler.sampling.pgs import PatchGroupSampler
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 40, 56, generator=g)
+    conf = torch.rand(2, 1, 40, 56, generator=g)
+    grid = PatchGrid.for_shape(40, 56, 16, 8)
+    for dev in ('cpu', 'cuda'):
+        patches = grid.patchify(x.to(dev))
+        torch.testing.assert_close(grid.blend(patches).cpu(), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grid.patch_mean(conf.cuda()).cpu(), grid.patch_mean(conf), atol=1e-6, rtol=0)
+    sampler = PatchGroupSampler(grouping={'mode': 'share', 'shares': [0.4, 0.3, 0.3]})
+
+    def denoiser(x_t, t, cond):
+        return torch.tanh(x_t * 0.5 + t.float()[:, None, None, None] / 1000)
+    outs = {dev: sampler.sample(denoiser, x.to(dev), conf.to(dev))[0].cpu() for dev in ('cpu', 'cuda')}
+    torch.testing.assert_close(outs['cuda'], outs['cpu'], atol=1e-4, rtol=1e-4)

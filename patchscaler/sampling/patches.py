@@ -12,7 +12,11 @@ effects" (section 4.1, citing StableSR's tiled sampling). Choices the paper leav
   (default; σ = 0.1·V as in StableSR's tile weights, so the centre of a patch, far from its boundary,
   dominates), ``linear`` (a pyramid, MultiDiffusion-like ramps) or ``uniform`` (plain averaging). All are
   strictly positive, so every covered pixel has a defined mean.
-- Accumulation is in float64, so blending a patchified float32/16 tensor returns it bit for bit.
+- Accumulation is in float64, so blending a patchified float32/16 tensor returns it exactly on the CPU. On CUDA
+  ``index_add_`` (the blend) and ``cumsum`` (the patch means of Eq. 2) accumulate in no fixed order: results can
+  differ from run to run and from the CPU in the last bits (rarely one float32 ulp of a blend; a Qmap exactly on a
+  γ threshold could change group). ``torch.use_deterministic_algorithms(True)`` makes both deterministic on CUDA,
+  at some speed; the tests compare CUDA results with a tolerance.
 - Streaming: :meth:`PatchGrid.gather` reads any patches straight from the latent and :class:`PatchBlender`
   blends patches in as they come, so PGS never holds all patches at once (they are 4x the latent at stride V/2):
   its memory is the latent, its noise and the float64 sum, whatever the image size.
@@ -189,9 +193,10 @@ class PatchBlender:
     ``add(idx, patches)`` adds each patch times the window into a float64 sum over the (padded) latent, and the
     window into a per-pixel weight sum; ``result()`` divides. Memory: a latent-sized float64 sum (float32 on MPS)
     and a weight plane per image, whatever the number of patches. Each pixel's sum runs in the order its patches
-    were added, so the result does not depend on how one sequence of patches is cut into batches. Added in
-    another order (several devices finishing batches in turn) the float64 sums can differ in their last bits,
-    which reach a float32 result rarely and by one ulp. ``result()`` checks that every pixel was covered.
+    were added, so on the CPU the result does not depend on how one sequence of patches is cut into batches.
+    Added in another order (several devices finishing batches in turn, or CUDA's atomic ``index_add_``, whose order
+    is not fixed) the float64 sums can differ in their last bits, which reach a float32 result rarely and by one
+    ulp. ``result()`` checks that every pixel was covered.
     """
 
     def __init__(self, grid, batch, channels, window='gaussian', sigma=0.1, device='cpu'):
