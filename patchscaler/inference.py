@@ -13,8 +13,9 @@ files or folders:
 * ``shard=(rank, world)``: only every world-th image from the rank-th on (of the whole sorted list, so the output
   names are the single run's); ``torchrun`` runs one shard per process (:mod:`patchscaler.utils.distributed`).
 
-Group-parallel PGS (``devices``): :func:`build_inference_sampler` places the groups on the devices; the sampler
-section's ``device_groups`` lists them per device, ``device_split`` names a placement (:data:`DEVICE_SPLITS`).
+Group-parallel PGS (``devices``): the sampler section's ``device_groups`` lists the groups per device,
+``device_split`` names a placement (:data:`patchscaler.sampling.pgs.DEVICE_SPLITS`); see
+:func:`build_inference_sampler`.
 """
 import glob
 import os
@@ -30,9 +31,7 @@ from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import CheckpointError, ConfigError, DataError, PatchScalerError
 
 NETWORKS = ('grm', 'dit', 'texture')
-#: named placements of PGS's groups on the ``devices`` (``--device-split`` or ``sampler.device_split``)
-DEVICE_SPLITS = {'paper': 'the hardest group on the first device, the others on the second (the paper: +33.7 %)',
-                 'lpt': "per image, longest-processing-time first on the groups' NFE (the sampler's default)"}
+
 
 
 def checkpoint_files(ckpt):
@@ -53,29 +52,14 @@ def checkpoint_files(ckpt):
     return found
 
 
-def _check_split(split):
-    if split not in DEVICE_SPLITS:
-        raise ConfigError(f'device_split must be one of {", ".join(DEVICE_SPLITS)}, got {split!r}')
-
-
-def split_groups(split, num_groups, devices):
-    """``device_groups`` of a named split (:data:`DEVICE_SPLITS`) of ``num_groups`` groups on ``devices``."""
-    _check_split(split)
-    if split == 'lpt':
-        return None
-    if len(devices or ()) != 2 or num_groups < 2:
-        raise ConfigError(f"device_split 'paper' puts the hard group on one device and the others on a second: it "
-                          f"needs 2 devices, 2+ groups, got {len(devices or ())} device(s) and {num_groups} group(s)")
-    return [[num_groups - 1], list(range(num_groups - 1))]
-
-
 def build_inference_sampler(opt, denoiser, devices=None, device_split=None):
-    """The sampler of ``opt`` (its ``sampler`` section or file, else the paper's PGS at the denoiser's V), with
-    the groups placed on ``devices`` (``--devices`` / ``pgs_devices``, else the section's own ``devices``): by the
-    section's ``device_groups`` or ``device_split`` (one of them), or by ``device_split`` given here, which
-    replaces both. Placing groups needs devices; ``device_split`` is read here, not by the sampler."""
+    """The sampler of ``opt`` (its ``sampler`` section or file, else the paper's PGS at the denoiser's V) for
+    ``devices`` (``--devices`` / ``pgs_devices``, else the section's own): the section's ``device_groups`` or
+    ``device_split`` place the groups on them (:meth:`PatchGroupSampler.place`, once the pipeline has the
+    devices); ``device_split`` given here (``--device-split``) replaces both. A placement without devices is an
+    error here: it would place nothing."""
     from patchscaler.models.pipeline import build_sampler_for
-    from patchscaler.sampling.pgs import sampler_options
+    from patchscaler.sampling.pgs import DEVICE_SPLITS, sampler_options
     section = opt.get('sampler')
     if isinstance(section, str) and not os.path.isfile(section):
         raise ConfigError(f'sampler file not found: {section}')
@@ -83,28 +67,17 @@ def build_inference_sampler(opt, denoiser, devices=None, device_split=None):
     if not isinstance(sopt, dict):
         return build_sampler_for(opt, denoiser)  # its one-line error
     sopt = dict(sopt)
-    split = sopt.pop('device_split', None)
-    if split is not None and sopt.get('device_groups') is not None:
-        raise ConfigError('sampler: give device_groups or device_split, not both')
     if device_split is not None:
-        split = device_split
+        if device_split not in DEVICE_SPLITS:
+            raise ConfigError(f'device_split must be one of {", ".join(DEVICE_SPLITS)}, got {device_split!r}')
         sopt.pop('device_groups', None)
-    if split is not None:
-        _check_split(split)  # now, with or without devices
-    devices = devices or sopt.get('devices')
+        sopt['device_split'] = device_split
+    split = sopt.get('device_split')
     placed = sopt.get('device_groups') is not None or split not in (None, 'lpt')
-    if placed and not devices:
+    if placed and not (devices or sopt.get('devices')):
         raise ConfigError(f'{"sampler.device_groups" if split is None else "device_split"} places groups on devices '
                           f'and none are given: pass --devices cuda:0,cuda:1 (or pgs_devices in the option file)')
-    if placed:
-        try:
-            sopt['devices'] = [torch.device(d) for d in devices]
-        except (RuntimeError, TypeError) as e:
-            raise ConfigError(f'devices: {e}') from None
-    sampler = build_sampler_for(dict(opt, sampler=sopt), denoiser)
-    if split is not None:
-        sampler.device_groups = split_groups(split, len(sampler.groups), devices)
-    return sampler
+    return build_sampler_for(dict(opt, sampler=sopt), denoiser)
 
 
 def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progress=False, devices=None,
@@ -339,8 +312,9 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
 def run(args_opt, inputs, out_dir, device=None, ckpt=None, save_qmap=False, color_fix=None, tile=None, suffix='',
         seed=0, progress=True, devices=None, device_split=None, shard=None):
     """Load the pipeline and run it; returns the InferSummary (the CLI prints it). ``devices``: PGS's groups on
-    several devices (group-parallel), e.g. ['cuda:0', 'cuda:1'], placed by ``device_split`` (:data:`DEVICE_SPLITS`)
-    or the sampler's ``device_groups``. ``shard``: see :func:`infer_paths`."""
+    several devices (group-parallel), e.g. ['cuda:0', 'cuda:1'], placed by ``device_split``
+    (:data:`~patchscaler.sampling.pgs.DEVICE_SPLITS`) or the sampler's ``device_groups``. ``shard``: see
+    :func:`infer_paths`."""
     from patchscaler.utils.cli import load_option_file
     opt = load_option_file(args_opt) if isinstance(args_opt, str) else args_opt
     start = time.perf_counter()

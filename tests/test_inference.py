@@ -172,7 +172,7 @@ def test_the_paper_device_split_runs_each_group_where_it_names(trained):
 def test_device_groups_and_splits_take_the_devices_given_at_load(trained):
     """The sampler file's device_groups / device_split need no devices of their own: --devices (or pgs_devices)
     fill them in; a split given at load replaces the file's placement; what cannot work is one line."""
-    from patchscaler.inference import split_groups
+    from patchscaler.sampling.pgs import PatchGroupSampler
     from patchscaler.utils.errors import ConfigError
     opt_path, _ = trained
     with open(opt_path) as f:
@@ -183,15 +183,19 @@ def test_device_groups_and_splits_take_the_devices_given_at_load(trained):
     assert pipe.sampler.device_groups == [[2], [0, 1]] and len(pipe.sampler.devices) == 2
     assert load_pipeline(dict(with_split, pgs_devices=['cpu', 'cpu']), 'cpu').sampler.device_groups == [[2], [0, 1]]
     assert load_pipeline(with_groups, 'cpu', devices=['cpu', 'cpu'], device_split='lpt').sampler.device_groups is None
-    assert split_groups('paper', 2, ['cuda:0', 'cuda:1']) == [[1], [0]]
+    two = PatchGroupSampler(groups=[(400, 8), (1000, 20)], grouping={'thresholds': [0.9]}, device_split='paper',
+                            devices=['cpu', 'cpu'])
+    assert two.device_groups == [[1], [0]]
+    assert PatchGroupSampler(device_split='paper').device_groups is None  # one device: nothing to place
     with pytest.raises(ConfigError, match='sampler.device_groups places groups on devices and none are given'):
         load_pipeline(with_groups, 'cpu')
     with pytest.raises(ConfigError, match='device_split places groups on devices and none are given'):
         load_pipeline(dict(opt), 'cpu', device_split='paper')
-    with pytest.raises(ConfigError, match='needs 2 devices, 2\\+ groups, got 3 device'):
+    with pytest.raises(ConfigError, match='needs 2 devices and 2\\+ groups, got 3 device'):
         load_pipeline(with_split, 'cpu', devices=['cpu'] * 3)
     with pytest.raises(ConfigError, match='device_groups or device_split, not both'):
-        load_pipeline(dict(opt, sampler=dict(with_groups['sampler'], device_split='paper')), 'cpu')
+        load_pipeline(dict(opt, sampler=dict(with_groups['sampler'], device_split='paper')), 'cpu',
+                      devices=['cpu', 'cpu'])
     with pytest.raises(ConfigError, match='device_split must be one of paper, lpt'):
         load_pipeline(dict(opt), 'cpu', devices=['cpu', 'cpu'], device_split='hard-first')
 

@@ -497,7 +497,9 @@ def test_bad_groups_override_is_an_input_error(bad):
     dict(scheduler=dict(type='NoSuchScheduler')), dict(scheduler=dict(type='DDIMScheduler', beta_schedul='linear')),
     dict(scheduler=dict(type='DDIMScheduler', thresholding=True)), dict(prediction_type='x0'),
     dict(devices=['cpu', 'cpu'], device_groups=[[0], [1]]), dict(devices=['cpu', 'cpu'], device_groups=[[0, 1, 2]]),
-    dict(devices=['cpu', 'cpu'], device_groups=[[0, 1], [1, 2]]), dict(device_groups=[[0, 1, 2]]),
+    dict(devices=['cpu', 'cpu'], device_groups=[[0, 1], [1, 2]]), dict(device_groups=[[0, 1]]),
+    dict(device_groups=[[0], [1, 2]], device_split='paper'), dict(device_split='hard-first'),
+    dict(devices=['cpu'] * 3, device_split='paper'),
     dict(batch_size=0), dict(patch_size=8, stride=9), dict(patch_size=8, stride=0),
     dict(grouping=dict(thresholds=[0.5, 0.9])), dict(grouping=dict(mode='share', shares=[0.5, 0.5]))])
 def test_bad_options_are_config_errors(options):

@@ -24,7 +24,8 @@ import sys
 REPO = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 sys.path.insert(0, REPO)
 
-from patchscaler.inference import DEVICE_SPLITS, InferSummary, run  # noqa: E402  (imports the fixes)
+from patchscaler.inference import InferSummary, run  # noqa: E402  (imports the fixes)
+from patchscaler.sampling.pgs import DEVICE_SPLITS  # noqa: E402
 from patchscaler.utils.cli import load_option_file, one_line  # noqa: E402
 from patchscaler.utils.device import enable_tf32  # noqa: E402
 from patchscaler.utils.distributed import all_gather, rank_device, torchrun_rank  # noqa: E402

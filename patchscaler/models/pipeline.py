@@ -214,10 +214,7 @@ class PatchScalerPipeline:
         for d in devices:
             if d.type == 'cuda' and (d.index or 0) >= torch.cuda.device_count():
                 raise ConfigError(f'devices: {d} is not there (this torch sees {torch.cuda.device_count()} GPUs)')
-        self.sampler.devices = devices
-        if self.sampler.device_groups is not None and len(self.sampler.device_groups) != len(devices):
-            raise ConfigError(f'sampler.device_groups has {len(self.sampler.device_groups)} lists for '
-                              f'{len(devices)} devices')
+        self.sampler.place(devices)
         self.denoisers = self.sampler.replicate(self.denoiser)
 
     @property

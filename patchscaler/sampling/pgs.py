@@ -74,6 +74,9 @@ from .stepwise import Segment, check_stepwise, count_calls, stepwise_walk
 PAPER_GROUPS = ({'tau': 400, 'steps': 8}, {'tau': 700, 'steps': 14}, {'tau': 1000, 'steps': 20})
 GROUP_NAMES = {1: ('all',), 2: ('simple', 'hard'), 3: ('simple', 'medium', 'hard')}
 EXECUTIONS = ('per_group', 'per_step')
+#: named placements of the groups on two or more devices (``device_split``; ``tools/infer.py --device-split``)
+DEVICE_SPLITS = {'paper': 'the hardest group on the first device, the others on the second (the paper: +33.7 %)',
+                 'lpt': "per image, longest-processing-time first on the groups' NFE (the default)"}
 
 
 class PerPatch:
@@ -178,7 +181,9 @@ class PatchGroupSampler:
         blend (str), blend_sigma (float): patch blending window, see :mod:`patchscaler.sampling.patches`.
         seed (int): seed of ε. uniform_steps (int): the uniform sampler the report compares with
             (default: the hardest group's N, i.e. every patch treated as hard — the paper's "unified" setting).
-        devices (list), device_groups (list of lists): group-parallel sampling, see the module docstring.
+        devices (list), device_groups (list of lists), device_split (str): group-parallel sampling, see the module
+            docstring and :meth:`place`; ``device_split: paper`` is the paper's hard group alone on the first device
+            and the others on the second.
         progress (bool): a tqdm bar over denoiser calls.
         fuse_overlaps (bool): walk the timesteps in step and fuse overlapping patches at every step where they
             share a timestep (:mod:`patchscaler.sampling.fusion`); False: each patch's whole schedule on its own,
@@ -193,7 +198,7 @@ class PatchGroupSampler:
     def __init__(self, patch_size=16, stride=None, groups=PAPER_GROUPS, grouping=None, scheduler=None,
                  prediction_type=None, eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
                  uniform_steps=None, devices=None, device_groups=None, progress=False, fuse_overlaps=False,
-                 execution='per_group'):
+                 execution='per_group', device_split=None):
         self.groups = _parse_groups(groups)
         self.scheduler, prediction_type = build_scheduler(scheduler, prediction_type)
         t_max = int(self.scheduler.config.num_train_timesteps)
@@ -213,24 +218,45 @@ class PatchGroupSampler:
         self.seed = int(seed)
         self.uniform_steps = int(uniform_steps or max(self.calls))
         blend_window(blend, 2, blend_sigma)  # a bad window is an error now, not after all the sampling
-        self.devices = [torch.device(d) for d in devices] if devices else None
-        if device_groups is not None:
-            flat = sorted(g for gs in device_groups for g in gs)
-            if not self.devices or len(device_groups) != len(self.devices) or flat != list(range(len(self.groups))):
-                raise ConfigError(f'device_groups must list every group index 0..{len(self.groups) - 1} exactly once, '
-                                  f'one list per device, got {device_groups} for devices {devices}')
-        self.device_groups = device_groups
         self.progress = progress
         self.fuse_overlaps = bool(fuse_overlaps)
-        if self.fuse_overlaps:
-            check_fusable(self.scheduler, self.devices)
         if execution not in EXECUTIONS:
             raise ConfigError(f'execution must be one of {EXECUTIONS}, got {execution!r}')
         self.execution = execution
-        if execution == 'per_step':
-            check_stepwise(self.scheduler, self.devices, 'execution: per_step')
+        if device_split is not None and device_split not in DEVICE_SPLITS:
+            raise ConfigError(f'device_split must be one of {", ".join(DEVICE_SPLITS)}, got {device_split!r}')
+        if device_split is not None and device_groups is not None:
+            raise ConfigError('sampler: give device_groups or device_split, not both')
+        if device_groups is not None:
+            flat = sorted(g for gs in device_groups for g in gs)
+            if flat != list(range(len(self.groups))):
+                raise ConfigError(f'device_groups must list every group index 0..{len(self.groups) - 1} exactly once, '
+                                  f'one list per device, got {device_groups}')
+        self._device_groups, self.device_split = device_groups, device_split
+        self.place(devices)
         n = len(self.groups)
         self.group_names = GROUP_NAMES.get(n, tuple(f'group{g}' for g in range(n)))
+
+    def place(self, devices):
+        """Group-parallel sampling on ``devices`` (None: where y0 is): the groups go to the devices by
+        ``device_groups``, ``device_split`` (:data:`DEVICE_SPLITS`) or, by default, longest-processing-time
+        first. Checked here, so the sampler file can name a placement that the devices given later (``tools/infer.py
+        --devices``, ``pgs_devices``) complete."""
+        self.devices = [torch.device(d) for d in devices] if devices else None
+        n_dev, n_groups = len(self.devices or ()), len(self.groups)
+        groups = self._device_groups
+        if self.device_split == 'paper' and self.devices:
+            if n_dev != 2 or n_groups < 2:
+                raise ConfigError(f"device_split 'paper' puts the hard group on one device and the others on a second:"
+                                  f" it needs 2 devices and 2+ groups, got {n_dev} device(s) and {n_groups} group(s)")
+            groups = [[n_groups - 1], list(range(n_groups - 1))]
+        if groups is not None and self.devices and len(groups) != n_dev:
+            raise ConfigError(f'device_groups has {len(groups)} lists for {n_dev} devices ({groups})')
+        self.device_groups = groups if self.devices else None
+        if self.fuse_overlaps:
+            check_fusable(self.scheduler, self.devices)
+        if self.execution == 'per_step':
+            check_stepwise(self.scheduler, self.devices, 'execution: per_step')
 
     # ---------------------------------------------------------------- conditioning
     @staticmethod
