@@ -140,10 +140,14 @@ def _init_dist(launcher, backend=None, **kwargs):
 
     import basicsr.utils.dist_util as dist_util
     import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if mp.get_start_method(allow_none=True) is None:  # as BasicSR's init_dist does
+        mp.set_start_method('spawn')
     params = {k: v for k, v in _dist_params.items() if k != 'timeout_minutes'}
     params.update(kwargs)
     timeout = _timeout(params)
-    backend = backend or params.pop('backend', 'nccl')
+    backend = backend or params.pop('backend', None) or 'nccl'
+    params.pop('backend', None)
     if launcher == 'pytorch':
         return _init_dist_pytorch(backend, timeout=timeout, **{k: v for k, v in params.items() if k != 'port'})
     original = dist.init_process_group
@@ -182,7 +186,9 @@ def _model_to_device(self, net):
         device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
         net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
     elif self.opt['num_gpu'] > 1:
-        if self.opt.get('is_train') and (self.opt.get('train') or {}).get('autocast'):
+        from patchscaler.models.pipeline import autocast_dtype
+        if self.opt.get('is_train') and autocast_dtype((self.opt.get('train') or {}).get('autocast'),
+                                                       self.device) is not None:
             from patchscaler.utils.errors import ConfigError
             raise ConfigError(f"train.autocast with {self.opt['num_gpu']} GPUs in one process (DataParallel): torch's "
                               f"parallel_apply re-enters autocast without its dtype, so bf16 would train in fp16 with "

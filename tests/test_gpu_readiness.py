@@ -74,14 +74,16 @@ def test_grm_stage_validation_pictures_on_cuda(tiny_patchscaler, tmp_path):
 def init_calls(monkeypatch):
     """Calls that would start a process group, recorded instead."""
     import torch.distributed as dist
+    import torch.multiprocessing as mp
 
     from patchscaler import compat
-    calls = []
+    calls, start_method = [], mp.get_start_method(allow_none=True)
     monkeypatch.setattr(dist, 'init_process_group', lambda **kw: calls.append(kw))
     monkeypatch.setenv('LOCAL_RANK', '1')
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
     yield calls
     compat.set_dist_params(None)
+    mp.set_start_method(start_method, force=True)  # the launcher sets spawn, as BasicSR's does
 
 
 def test_the_process_group_waits_as_long_as_the_option_says(init_calls):
@@ -100,6 +102,22 @@ def test_the_process_group_waits_as_long_as_the_option_says(init_calls):
     assert init_calls[-1]['timeout'] == timedelta(minutes=300)
     with pytest.raises(ConfigError, match='timeout_minutes'):
         compat.set_dist_params({'timeout': 300})
+
+
+def test_slurm_gets_the_option_files_dist_params_and_the_timeout(init_calls, monkeypatch):
+    """--launcher slurm: BasicSR passes dist_params (backend, port) itself; the timeout joins them."""
+    from datetime import timedelta
+
+    import basicsr.utils.dist_util as dist_util
+    import basicsr.utils.options
+
+    from patchscaler import compat
+    seen = []
+    monkeypatch.setattr(dist_util, '_init_dist_slurm', lambda backend, port=None: seen.append((backend, port)) or
+                        dist_util.dist.init_process_group(backend=backend))
+    compat.set_dist_params({'backend': 'gloo', 'port': 29500, 'timeout_minutes': 30})
+    basicsr.utils.options.init_dist('slurm', backend='gloo', port=29500)
+    assert seen == [('gloo', 29500)] and init_calls[-1] == {'backend': 'gloo', 'timeout': timedelta(minutes=30)}
 
 
 def test_more_processes_than_gpus_with_nccl_is_one_clear_error(init_calls, monkeypatch):
@@ -193,8 +211,9 @@ def test_dataparallel_with_autocast_is_refused():
                                                              'train': {'autocast': 'bf16'}})
     with pytest.raises(ConfigError, match='torchrun --nproc_per_node 2'):
         compat._model_to_device(model, torch.nn.Linear(2, 2))
-    model.opt['train']['autocast'] = None
-    assert isinstance(compat._model_to_device(model, torch.nn.Linear(2, 2)), torch.nn.DataParallel)
+    for fp32 in (None, 'none', 'auto'):  # auto is fp32 here (no bf16 on a CPU): nothing to refuse
+        model.opt['train']['autocast'] = fp32
+        assert isinstance(compat._model_to_device(model, torch.nn.Linear(2, 2)), torch.nn.DataParallel)
 
 
 # ---------------------------------------------------------------- fast defaults
@@ -205,9 +224,10 @@ def test_autocast_auto_is_bf16_on_gpus_that_have_it_and_fp32_elsewhere(monkeypat
 
     from patchscaler.models.pipeline import autocast_dtype
     assert autocast_dtype('auto', 'cpu') is None
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
-    assert autocast_dtype('auto', 'cuda:0') is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)  # V100, T4
+    seen = []
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: seen.append(d) or (9, 0))  # H100
+    assert autocast_dtype('auto', 'cuda:1') is torch.bfloat16 and seen == [torch.device('cuda:1')]
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: (7, 0))  # V100: bf16 only emulated
     assert autocast_dtype('auto', 'cuda:0') is None
     import glob
     import os

@@ -53,9 +53,10 @@ AUTOCAST = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.fl
 def autocast_dtype(name, device=None):
     """The autocast dtype of an option value: bf16 / fp16 (or the dtype), none; ``auto``: bf16 on a CUDA
     ``device`` that supports it (Ampere and newer), else none (CPU bf16 matmuls are slow on most CPUs)."""
-    if name == 'auto':
+    if name == 'auto':  # compute capability 8+ (Ampere): native bf16; is_bf16_supported() also admits emulation
         device = torch.device(device or 'cpu')
-        return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
+        native = device.type == 'cuda' and torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else None
     if name in (None, False, 'none', 'fp32'):
         return None
     if name in AUTOCAST.values():  # already a dtype
