@@ -14,7 +14,6 @@ Swin block builds its shifted-window mask on the CPU and copies it to the device
 than ``img_size``; here the masks are kept per (size, window, shift, device) instead (:class:`_MaskCachingSwinBlock`).
 """
 import collections
-import threading
 
 import torch
 from basicsr.archs.rrdbnet_arch import RRDB
@@ -34,18 +33,17 @@ class _MaskCachingSwinBlock(SwinTransformerBlock):
 
     CACHE_SIZE = 8
     _cache = collections.OrderedDict()
-    _lock = threading.Lock()
 
     def calculate_mask(self, x_size):
         device = self.norm1.weight.device
+        if torch.compiler.is_compiling():  # traced into the graph as BasicSR's is (a dict lookup would break it)
+            return super().calculate_mask(x_size).to(device)
         key = (tuple(int(v) for v in x_size), self.window_size, self.shift_size, device)
-        with self._lock:
-            mask = self._cache.get(key)
-            if mask is None:
-                mask = self._cache[key] = super().calculate_mask(x_size).to(device)
-                while len(self._cache) > self.CACHE_SIZE:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(key)
+        mask = self._cache.get(key)  # no lock: GRM forwards run in one thread; a race would build a mask twice
+        if mask is None:
+            mask = self._cache[key] = super().calculate_mask(x_size).to(device)
+            while len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
         return mask
 
 

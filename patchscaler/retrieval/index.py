@@ -46,6 +46,7 @@ class KeyIndex:
         self.keys = keys.float().contiguous()
         self.backend, self.block_size = backend, int(block_size)
         self._faiss = {}  # 'cpu' / 'cuda:i' -> index, built on first use
+        self._keys_on = {self.keys.device: self.keys}  # the keys on each device queries came from
         self._gpu_resources = {}  # kept alive as long as their GPU indexes
 
     def __len__(self):
@@ -74,7 +75,9 @@ class KeyIndex:
         return self._search_torch(queries, k)
 
     def _search_torch(self, queries, k):
-        keys = self.keys.to(queries.device)
+        keys = self._keys_on.get(queries.device)
+        if keys is None:  # copied to a device once, not per call
+            keys = self._keys_on[queries.device] = self.keys.to(queries.device)
         scores, indices = [], []
         for i in range(0, queries.shape[0], self.block_size):
             s, idx = torch.topk(queries[i:i + self.block_size].float() @ keys.T, k, dim=1)

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import threading
 import warnings
 
 import torch
@@ -58,15 +59,32 @@ def _describe(ae):
     return f"{ae['type']} (c={ae['latent_channels']}, d={ae['downscale_factor']}, scaling {ae['scaling_factor']:g})"
 
 
+_tf32_lock = threading.Lock()
+
+
+@contextlib.contextmanager
 def full_precision(device):
-    """Autocast off on ``device``'s type. Retrieval runs in float32 always: the memory's keys were computed in
-    float32 at build time and training queries it outside autocast, so a query inside the pipeline's bf16/fp16
-    autocast would change its top-K set (8-12 % of the queries under CPU bf16) and, in fp16, decode patches past
-    the autoencoder's fp32 fallback (NaN keys)."""
+    """Autocast and TF32 off on ``device``'s type. Retrieval runs in float32 always: the memory's keys were computed
+    in float32 at build time and training queries it outside autocast, so a query inside the pipeline's bf16/fp16
+    autocast changed its top-K set (8-12 % of the queries under CPU bf16) and, in fp16, decoded patches past the
+    autoencoder's fp32 fallback (NaN keys); TF32 matmuls (which the tools enable on CUDA) would round the keys to a
+    10-bit mantissa. The TF32 flags are global: they are restored on leaving, one retrieval at a time."""
+    device = torch.device(device)
     try:
-        return torch.autocast(torch.device(device).type, enabled=False)
+        no_autocast = torch.autocast(device.type, enabled=False)
     except (RuntimeError, ValueError):  # a device type without autocast (meta, ...)
-        return contextlib.nullcontext()
+        no_autocast = contextlib.nullcontext()
+    if device.type != 'cuda':
+        with no_autocast:
+            yield
+        return
+    with _tf32_lock, no_autocast:
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def extract_keys(extractor, patches, batch_size=None, progress=False):
