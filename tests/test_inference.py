@@ -186,7 +186,10 @@ def test_device_groups_and_splits_take_the_devices_given_at_load(trained):
     two = PatchGroupSampler(groups=[(400, 8), (1000, 20)], grouping={'thresholds': [0.9]}, device_split='paper',
                             devices=['cpu', 'cpu'])
     assert two.device_groups == [[1], [0]]
-    assert PatchGroupSampler(device_split='paper').device_groups is None  # one device: nothing to place
+    one = PatchGroupSampler(patch_size=8, groups=[(1000, 2)], device_split='paper')
+    assert one.device_groups is None  # one device: nothing to place, and the run says so
+    with pytest.warns(UserWarning, match='runs on one device: nothing to place'):
+        one.sample(lambda x, t, c: x, torch.zeros(1, 2, 8, 8))
     with pytest.raises(ConfigError, match='sampler.device_groups places groups on devices and none are given'):
         load_pipeline(with_groups, 'cpu')
     with pytest.raises(ConfigError, match='device_split places groups on devices and none are given'):

@@ -50,6 +50,7 @@ import copy
 import inspect
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -233,6 +234,7 @@ class PatchGroupSampler:
                 raise ConfigError(f'device_groups must list every group index 0..{len(self.groups) - 1} exactly once, '
                                   f'one list per device, got {device_groups}')
         self._device_groups, self.device_split = device_groups, device_split
+        self._warned_placement = False
         self.place(devices)
         n = len(self.groups)
         self.group_names = GROUP_NAMES.get(n, tuple(f'group{g}' for g in range(n)))
@@ -366,6 +368,12 @@ class PatchGroupSampler:
             raise InputError(f'y0 must be a float tensor (B, c, h, w), got '
                              f'{tuple(y0.shape) if torch.is_tensor(y0) else type(y0).__name__}')
         start = time.perf_counter()
+        if not self.devices and (self._device_groups is not None or self.device_split == 'paper') \
+                and not self._warned_placement:
+            self._warned_placement = True
+            warnings.warn('the sampler places its groups on devices (device_groups / device_split) but runs on one '
+                          'device: nothing to place (tools/infer.py --devices cuda:0,cuda:1, or pgs_devices, gives '
+                          'the devices)', stacklevel=2)
         b = y0.shape[0]
         if groups is None:
             groups, qmap, thr, grid = self.assign(confidence, y0.shape)
