@@ -3,24 +3,24 @@
     bash tools/gpu_check.sh                      # on a GPU machine (installs carried wheels first, see below)
     python tools/gpu_check.py --device cpu --size tiny --out results/gpu_check_cpu   # the same steps on a CPU
 
-Steps (each one a subprocess of the project's own tools, its log in ``<out>/<step>.log``; a failing step is
-recorded and the next one still runs):
+First the environment (torch, CUDA, the device, native bf16, memory) is recorded. Steps (each one a subprocess of
+the project's own tools, its log in ``<out>/<step>.log``; a failing step is recorded and the next one still runs):
 
-1. ``environment``: torch, the device, bf16 support, TF32.
-2. ``gpu_tests``: ``pytest -m gpu`` (the tests that need CUDA; all skipped on a CPU).
-3. ``demo_data``, ``rtm``: the demo set (``datasets/make_demo.py --out <out>/demo``) and its RTM
+1. ``gpu_tests``: ``pytest -m gpu`` (the tests that need CUDA; all skipped on a CPU).
+2. ``demo_data``, ``rtm``: the demo set (``datasets/make_demo.py --out <out>/demo``) and its RTM
    (``tools/build_rtm.py``) from option files derived from ``options/demo/*``.
-4. ``train``: both training stages (``tools/train.py``, stage ``full``: the GRM, then Patch-DiT with the texture
+3. ``train``: both training stages (``tools/train.py``, stage ``full``: the GRM, then Patch-DiT with the texture
    prompt) for a few iterations with ``train.autocast: bf16``, one validation with PGS and pictures, a checkpoint.
-5. ``benchmark_pgs``: ``tools/benchmark.py --parts pgs``: PGS vs uniform 20-step sampling, per-group and
+4. ``benchmark_pgs``: ``tools/benchmark.py --parts pgs``: PGS vs uniform 20-step sampling, per-group and
    step-synchronous execution, with bf16 on the GPU.
-6. ``benchmark_e2e``: ``tools/benchmark.py --parts e2e``: the pipeline end to end per stage with peak memory,
+5. ``benchmark_e2e``: ``tools/benchmark.py --parts e2e``: the pipeline end to end per stage with peak memory,
    uniform vs PGS per group vs PGS per step; on the GPU the paper-scale networks (random init, SD-VAE
    architecture) on 512 -> 2048.
 
 ``<out>/summary.md`` and ``summary.json`` list each step's status, seconds and its key lines; the benchmark
 tables are in ``<out>/benchmark_*/benchmark.md``. ``--size tiny`` (the CPU check, in the test suite) shrinks
-every step to seconds; ``--size full`` (the default) is sized to finish in well under 10 minutes on one GPU.
+every step to seconds; ``--size full`` (the default on CUDA) is meant to take a few minutes on one GPU (not
+measured yet: no GPU has been lent).
 """
 import argparse
 import json
@@ -85,7 +85,7 @@ def _environment(device):
     info = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': device,
             'cuda_available': torch.cuda.is_available()}
     if device.startswith('cuda') and torch.cuda.is_available():
-        info.update(name=torch.cuda.get_device_name(), bf16=torch.cuda.is_bf16_supported(),
+        info.update(name=torch.cuda.get_device_name(), native_bf16=torch.cuda.get_device_capability()[0] >= 8,
                     memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1))
     return info
 

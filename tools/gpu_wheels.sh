@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheels of what a bare GPU machine lacks for tools/gpu_check.sh, downloaded here (a machine with PyPI access) into
 # .whl/ for the GPU machine's Python (default 3.12, x86-64 manylinux): everything this project needs except torch,
-# torchvision, numpy, scipy, scikit-image, opencv, pyyaml, tqdm, safetensors, matplotlib and pytest, which such
-# images already hold (check `pip list` there). basicsr 1.4.2 has no wheel on PyPI: it is built here, pure Python.
+# torchvision, numpy, scipy, scikit-image, opencv, pyyaml, tqdm, safetensors, matplotlib, huggingface_hub (and its
+# httpx, filelock, ...), requests, regex, pillow and pytest, which such images already hold (check `pip list` there). basicsr 1.4.2 has no wheel on PyPI: it is built here, pure Python.
 #
 #   bash tools/gpu_wheels.sh [python version, e.g. 3.12]
 set -euo pipefail
