@@ -351,3 +351,57 @@ def test_blend_qmap_and_pgs_on_cuda_match_the_cpu_to_a_tolerance():
         return torch.tanh(x_t * 0.5 + t.float()[:, None, None, None] / 1000)
     outs = {dev: sampler.sample(denoiser, x.to(dev), conf.to(dev))[0].cpu() for dev in ('cpu', 'cuda')}
     torch.testing.assert_close(outs['cuda'], outs['cpu'], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_autocast_auto_on_this_gpu():
+    from patchscaler.models.pipeline import autocast_dtype
+    native = torch.cuda.get_device_capability(0)[0] >= 8
+    assert autocast_dtype('auto', 'cuda:0') is (torch.bfloat16 if native else None)
+
+
+@pytest.mark.gpu
+def test_retrieval_on_cuda_under_bf16_and_tf32_is_the_cpu_retrieval():
+    from patchscaler.retrieval import ReferenceTextureMemory
+    from patchscaler.utils.device import enable_tf32
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(300, 4, 16, 16, generator=g) * torch.rand(300, 1, 1, 1, generator=g)
+    rtm = ReferenceTextureMemory.build(values, {'type': 'LatentTextureDescriptor'}, 200, top_k=4)
+    queries = torch.randn(961, 4, 16, 16, generator=g)
+    sims, idx = rtm.search(queries)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    enable_tf32()
+    try:
+        cuda = rtm.to('cuda')
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            sims_c, idx_c = cuda.search(queries.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert (idx_c.cpu() == idx).all(1).float().mean() > 0.99  # float32 on both; summation order may differ
+    torch.testing.assert_close(sims_c.cpu(), sims, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_grm_and_per_step_pgs_on_cuda():
+    """The Swin GRM (masks cached on the GPU) and step-synchronous PGS give the CPU's numbers on CUDA."""
+    from patchscaler.archs.grm_arch import GRM
+    from patchscaler.sampling.pgs import PatchGroupSampler
+    torch.manual_seed(0)
+    grm = GRM(in_channels=4, num_feat=16, num_blocks=2, depth=2, num_heads=2, window_size=4, img_size=8).eval()
+    x = torch.randn(1, 4, 12, 20)
+    with torch.no_grad():
+        ref = grm(x)
+        out = grm.cuda()(x.cuda())
+        again = grm(x.cuda())
+    for a, b, c in zip(ref, out, again):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
+        assert torch.equal(b, c)
+
+    def denoiser(x_t, t, cond):
+        return torch.tanh(x_t * 0.5 + t.float()[:, None, None, None] / 1000)
+    y0, conf = torch.randn(1, 4, 40, 56), torch.rand(1, 1, 40, 56)
+    share = {'mode': 'share', 'shares': [0.4, 0.3, 0.3]}
+    runs = [PatchGroupSampler(grouping=share, batch_size=1024, execution=e).sample(denoiser, y0.cuda(), conf.cuda())
+            for e in ('per_group', 'per_step')]
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=1e-5)
+    assert runs[1][1].denoiser_calls == 20 < runs[0][1].denoiser_calls
