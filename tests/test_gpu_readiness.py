@@ -405,3 +405,29 @@ def test_grm_and_per_step_pgs_on_cuda():
             for e in ('per_group', 'per_step')]
     torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=1e-5)
     assert runs[1][1].denoiser_calls == 20 < runs[0][1].denoiser_calls
+
+
+def test_full_precision_nests_and_restores_tf32():
+    """search() holds the float32 context around query_keys(), which takes it again: on CUDA that context also
+    switches TF32 off under a lock, so it must be re-entrant (a plain lock would hang every CUDA retrieval)."""
+    import threading
+
+    from patchscaler.retrieval.memory import full_precision
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    seen = []
+
+    def nested():
+        with full_precision('cuda'):
+            with full_precision('cuda'):
+                seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+    try:
+        worker = threading.Thread(target=nested, daemon=True)
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), 'nested full_precision hung'
+        assert seen == [(False, False), False]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored on leaving
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

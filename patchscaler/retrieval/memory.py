@@ -59,7 +59,7 @@ def _describe(ae):
     return f"{ae['type']} (c={ae['latent_channels']}, d={ae['downscale_factor']}, scaling {ae['scaling_factor']:g})"
 
 
-_tf32_lock = threading.Lock()
+_tf32_lock = threading.RLock()  # re-entrant: search() holds it around query_keys()
 
 
 @contextlib.contextmanager
