@@ -59,7 +59,7 @@ def build_inference_sampler(opt, denoiser, devices=None, device_split=None):
     devices); ``device_split`` given here (``--device-split``) replaces both. A placement without devices is an
     error here: it would place nothing."""
     from patchscaler.models.pipeline import build_sampler_for
-    from patchscaler.sampling.pgs import DEVICE_SPLITS, sampler_options
+    from patchscaler.sampling.pgs import sampler_options
     section = opt.get('sampler')
     if isinstance(section, str) and not os.path.isfile(section):
         raise ConfigError(f'sampler file not found: {section}')
@@ -67,9 +67,7 @@ def build_inference_sampler(opt, denoiser, devices=None, device_split=None):
     if not isinstance(sopt, dict):
         return build_sampler_for(opt, denoiser)  # its one-line error
     sopt = dict(sopt)
-    if device_split is not None:
-        if device_split not in DEVICE_SPLITS:
-            raise ConfigError(f'device_split must be one of {", ".join(DEVICE_SPLITS)}, got {device_split!r}')
+    if device_split is not None:  # checked by the sampler, like the file's own
         sopt.pop('device_groups', None)
         sopt['device_split'] = device_split
     split = sopt.get('device_split')
