@@ -29,7 +29,7 @@ Network cost (``--parts dit e2e baselines stablesr``, in ``tools/benchmark_netwo
 the pipeline end to end per stage, the baselines' generators on the same input, and StableSR vs StableSR+PGS
 with the same UNet on the same image (the paper's Table 3 ratio).
 
-Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the tables in the README).
+Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the tables in docs/pgs.md and docs/gpu.md).
 """
 import argparse
 import json

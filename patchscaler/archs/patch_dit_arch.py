@@ -17,7 +17,7 @@ Choices where the paper is silent (its supplementary is not public):
 * The prompt may carry a per-token additive attention bias (the texture encoder's log-weight of each
   prior's similarity), so a prior that matches badly gets less attention in every block.
 * Presets in the spirit of DiT; ``B`` is the paper-scale default. Parameters and GFLOPs per call for one
-  V=16, p=2 patch with a K=4 prompt (measured by ``tools/benchmark.py --parts dit``) are in the README.
+  V=16, p=2 patch with a K=4 prompt (measured by ``tools/benchmark.py --parts dit``) are in docs/pgs.md.
 
 Attention runs through ``F.scaled_dot_product_attention``, so GPUs get flash / memory-efficient kernels.
 """
