@@ -143,11 +143,14 @@ def detail_scores(model, dataset_opt):
 
 
 def add_detail(model, scores, visuals, sr_img, labels=None):
-    """Score the last validation image: PatchScaler, the GRM and bicubic against the HR, on the PGS grading."""
+    """Score the last validation image: the diffusion output, the GRM (where there is one) and bicubic against the
+    HR, on the PGS grading."""
     if scores is None or 'gt' not in visuals or model.pgs_groups is None:
         return
     groups, _, _, grid = model.pgs_groups
-    images = {'PGS': sr_img, 'GRM': tensor2img([visuals['grm']]), 'bicubic': tensor2img([visuals['bicubic']])}
+    images = {'PGS': sr_img}  # the diffusion output (PatchScaler's, or StableSR's without a GRM)
+    images.update({name: tensor2img([visuals[key]]) for name, key in (('GRM', 'grm'), ('bicubic', 'bicubic'))
+                   if key in visuals})
     nfe = {'PGS': model.report.nfe_total} if model.report is not None else None
     scores.add_image(images, tensor2img([visuals['gt']]), to_numpy(groups[0]), grid, model.autoencoder.downscale_factor,
                      labels=None if labels is None else to_numpy(labels[0]), nfe=nfe)
