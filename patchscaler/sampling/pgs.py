@@ -63,12 +63,13 @@ from .grouping import GroupAssigner, check_confidence
 from .patches import PatchGrid, blend_window
 from .schedules import (
     ALPHA_TABLE_SCHEDULERS,
+    TIMESTEP_SPACINGS,
     build_scheduler,
     calls_per_patch,
     denoise,
+    explicit_timesteps,
     schedules_aligned,
     step_noise,
-    trailing_timesteps,
 )
 from .stepwise import Segment, check_stepwise, count_calls, stepwise_walk
 
@@ -139,15 +140,28 @@ class _Spatial:
 
 
 def _parse_groups(groups):
+    """[(tau, steps, explicit timesteps or None)] from ``{tau, steps}``, ``[tau, steps]`` or ``{timesteps: [...]}``
+    (then τ = the highest timestep + 1 and N = their count)."""
     out = []
     for i, g in enumerate(groups):
-        if isinstance(g, dict):
+        if isinstance(g, dict) and 'timesteps' in g:
+            if set(g) - {'timesteps', 'tau', 'steps'}:
+                raise ConfigError(f'groups[{i}] must be {{timesteps: [...]}}, got {g}')
+            ts = g['timesteps']
+            if not isinstance(ts, (list, tuple)) or not ts:
+                raise ConfigError(f'groups[{i}].timesteps must be a non-empty list, got {ts!r}')
+            tau, steps = max(int(t) for t in ts) + 1, len(ts)
+            if int(g.get('tau', tau)) != tau or int(g.get('steps', steps)) != steps:
+                raise ConfigError(f'groups[{i}]: tau/steps contradict its timesteps (tau = the highest + 1 = {tau}, '
+                                  f'steps = their count = {steps}); give the timesteps alone')
+            out.append((tau, steps, list(ts)))
+        elif isinstance(g, dict):
             unknown = set(g) - {'tau', 'steps'}
             if unknown or not {'tau', 'steps'} <= set(g):
-                raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}}, got {g}')
-            out.append((int(g['tau']), int(g['steps'])))
+                raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}} or {{timesteps: [...]}}, got {g}')
+            out.append((int(g['tau']), int(g['steps']), None))
         elif isinstance(g, (list, tuple)) and len(g) == 2:
-            out.append((int(g[0]), int(g[1])))
+            out.append((int(g[0]), int(g[1]), None))
         else:
             raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}} or [tau, steps], got {g!r}')
     if not out:
@@ -171,14 +185,17 @@ class PatchGroupSampler:
 
     Args:
         patch_size (int): V, in latent pixels. stride (int): patch stride (default V // 2).
-        groups (list): per group, easiest first, ``{tau, steps}``.
+        groups (list): per group, easiest first, ``{tau, steps}``, or ``{timesteps: [...]}`` (its own timesteps).
+        timestep_spacing (str): how ``{tau, steps}`` is spaced: 'trailing' (default, the paper's DDIM walk ending at
+            τ/N - 1) or 'respaced' (StableSR's: from τ - 1 down to 0, see :func:`~.schedules.respaced_timesteps`).
         grouping (dict): ``{mode: threshold|quantile|share, thresholds|quantiles|shares: [...]}``, see
             :mod:`patchscaler.sampling.grouping`. Default: Eq. 2 with the paper's thresholds.
         scheduler (dict | diffusers scheduler): its ᾱ table (DDIM update) or its own update, see
             :mod:`patchscaler.sampling.schedules`. Default: DDIM, DiT's linear betas, T = 1000.
         prediction_type (str): what the denoiser predicts: 'sample' (x0, Patch-DiT), 'epsilon', 'v_prediction';
             default: the scheduler's own if it names one, else 'sample'.
-        eta (float): DDIM η (0 = deterministic). batch_size (int): patches per denoiser call.
+        eta (float): DDIM η (0 = deterministic; 1 = ancestral DDPM on the chosen timesteps: StableSR's sampler).
+        batch_size (int): patches per denoiser call.
         blend (str), blend_sigma (float): patch blending window, see :mod:`patchscaler.sampling.patches`.
         seed (int): seed of ε. uniform_steps (int): the uniform sampler the report compares with
             (default: the hardest group's N, i.e. every patch treated as hard — the paper's "unified" setting).
@@ -199,11 +216,16 @@ class PatchGroupSampler:
     def __init__(self, patch_size=16, stride=None, groups=PAPER_GROUPS, grouping=None, scheduler=None,
                  prediction_type=None, eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
                  uniform_steps=None, devices=None, device_groups=None, progress=False, fuse_overlaps=False,
-                 execution='per_group', device_split=None):
-        self.groups = _parse_groups(groups)
+                 execution='per_group', device_split=None, timestep_spacing='trailing'):
+        parsed = _parse_groups(groups)
+        self.groups = [(tau, n) for tau, n, _ in parsed]
         self.scheduler, prediction_type = build_scheduler(scheduler, prediction_type)
         t_max = int(self.scheduler.config.num_train_timesteps)
-        self.timesteps = [trailing_timesteps(tau, n, t_max) for tau, n in self.groups]
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ConfigError(f'timestep_spacing must be one of {sorted(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}')
+        self.timestep_spacing = timestep_spacing
+        self.timesteps = [explicit_timesteps(ts, t_max) if ts is not None else
+                          TIMESTEP_SPACINGS[timestep_spacing](tau, n, t_max) for tau, n, ts in parsed]
         self.calls = [calls_per_patch(self.scheduler, ts) for ts in self.timesteps]  # NFE per patch, per group
         if eta and type(self.scheduler).__name__ not in ALPHA_TABLE_SCHEDULERS:
             raise ConfigError(f'eta applies to the DDIM update; {type(self.scheduler).__name__} has its own '

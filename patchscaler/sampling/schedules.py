@@ -4,7 +4,9 @@ Pure functions of a schedule in the spirit of diffusers' schedulers, with no sta
 
 Schedules. A group with entry step τ and N steps denoises at the "trailing" timesteps of the interval
 [0, τ): ``t_k = round(τ - k·τ/N) - 1``, k = 0 … N-1 (0-based diffusers time; the paper's 1-based ᾱ_τ is
-``alphas_cumprod[τ - 1]``). For the paper's τ = (400, 700, 1000), N = (8, 14, 20), τ/N = 50 for every
+``alphas_cumprod[τ - 1]``). The sampler's ``timestep_spacing: respaced`` gives StableSR's spacing instead
+(:func:`respaced_timesteps`: from τ - 1 down to 0), and a group may list its own ``timesteps``.
+For the paper's τ = (400, 700, 1000), N = (8, 14, 20), τ/N = 50 for every
 group, so each group's schedule is the tail of the hardest group's 20-step trailing DDIM schedule
 (999, 949, …, 49): they differ only in where they enter. Pairs whose τ/N differ (e.g. τ=500, N=7) still
 work: the group gets its own trailing schedule on [0, τ), ending near t = τ/N - 1 instead of at a shared
@@ -48,6 +50,34 @@ def trailing_timesteps(tau, steps, num_train_timesteps=1000):
     if not 1 <= steps <= tau:
         raise ConfigError(f'steps must be in [1, tau={tau}], got {steps}')
     return [round(tau - k * tau / steps) - 1 for k in range(steps)]
+
+
+def respaced_timesteps(tau, steps, num_train_timesteps=1000):
+    """The N timesteps of [0, τ) spaced as in guided-diffusion's ``space_timesteps(τ, [N])``, which StableSR's
+    sampling uses (``sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py``): ``round(k·(τ-1)/(N-1))``, k = 0 … N-1,
+    descending, so the walk starts at τ - 1 and ends at t = 0: τ=1000, N=20 -> 999, 946, …, 53, 0; N=4 ->
+    999, 666, 333, 0 (StableSR-turbo)."""
+    trailing_timesteps(tau, steps, num_train_timesteps)  # the same range checks
+    tau, steps = int(tau), int(steps)
+    stride = (tau - 1) / (steps - 1) if steps > 1 else 1
+    return sorted({round(k * stride) for k in range(steps)}, reverse=True)
+
+
+#: how a group's {tau, steps} becomes timesteps (the sampler's ``timestep_spacing``)
+TIMESTEP_SPACINGS = {'trailing': trailing_timesteps, 'respaced': respaced_timesteps}
+
+
+def explicit_timesteps(timesteps, num_train_timesteps=1000):
+    """A group's own timestep list, checked: distinct integers in [0, T), walked from the highest."""
+    try:
+        ts = [int(t) for t in timesteps]
+    except (TypeError, ValueError):
+        raise ConfigError(f'a group\'s timesteps must be a list of integers, got {timesteps!r}') from None
+    if not ts or len(set(ts)) != len(ts) or not all(0 <= t < num_train_timesteps for t in ts) or \
+            any(float(t) != float(o) for t, o in zip(ts, timesteps)):
+        raise ConfigError(f'a group\'s timesteps must be distinct integers in [0, {num_train_timesteps}), got '
+                          f'{list(timesteps)}')
+    return sorted(ts, reverse=True)
 
 
 def schedules_aligned(timesteps_per_group):
