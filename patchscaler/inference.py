@@ -2,7 +2,9 @@
 
 :func:`load_pipeline` builds the networks of a test option file (the same keys as training), loads their
 weights (``path.pretrain_network_*`` or a ``--ckpt`` folder of ``net_grm``/``net_dit``/``net_texture``
-files, EMA weights first) and returns a :class:`PatchScalerPipeline`. :func:`infer_paths` runs it on
+files, EMA weights first) and returns a :class:`PatchScalerPipeline`. A StableSR test file (``StableSRModel``)
+gets its ``StableSRUNet`` (``net_g``) as the denoiser, with its sampler (default: StableSR's), and the GRM only
+where it has one (StableSR+PGS). :func:`infer_paths` runs it on
 files or folders:
 
 * any size (the autoencoder tiles above ``tile`` px; PGS is patch-wise), down to the model's minimum
@@ -30,7 +32,7 @@ from patchscaler.data.image_io import IMG_EXTENSIONS, read_image
 from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import CheckpointError, ConfigError, DataError, PatchScalerError
 
-NETWORKS = ('grm', 'dit', 'texture')
+NETWORKS = ('grm', 'dit', 'texture', 'g')  # net_g: a StableSRModel run's StableSRUNet
 
 
 
@@ -93,23 +95,31 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
     )
     from patchscaler.utils.checkpoint import load_weights
     from patchscaler.utils.options_check import check_networks
-    for key in ('scale', 'autoencoder', 'network_grm'):
+    stablesr = is_stablesr(opt)
+    required = ('scale', 'autoencoder', 'network_g') if stablesr else ('scale', 'autoencoder', 'network_grm')
+    for key in required:
         if key not in opt:
-            raise ConfigError(f"the option file has no '{key}' (use a PatchScaler test file such as "
-                              f"options/test_patchscaler.yml)")
+            example = 'options/stablesr/test_stablesr_x4.yml' if stablesr else 'options/test_patchscaler.yml'
+            raise ConfigError(f"the option file has no '{key}' (use a test file such as {example})")
     check_networks(opt)  # a misspelt network argument is one line, not a TypeError from a constructor
     device = resolve_device(device)
     autoencoder = build_autoencoder(opt['autoencoder']).to(device)
-    grm = build_network(dict(opt['network_grm']))
-    denoiser = build_denoiser(opt)
+    grm = build_network(dict(opt['network_grm'])) if opt.get('network_grm') else None
+    nets = {'grm': grm} if grm is not None else {}
+    if stablesr:  # StableSR (+PGS with a GRM): the UNet samples, the GRM (if any) gives y0 and the groups
+        from patchscaler.models.stablesr_model import stablesr_sampler_options
+        denoiser = nets['g'] = build_network(dict(opt['network_g']))
+        if not opt.get('sampler'):
+            opt = dict(opt, sampler=stablesr_sampler_options(denoiser.patch_size, denoiser.prediction_type))
+    else:
+        denoiser = build_denoiser(opt)
+        if denoiser is not None:
+            nets['dit'] = denoiser.dit
+            if denoiser.texture_encoder is not None:
+                nets['texture'] = denoiser.texture_encoder
     files = checkpoint_files(ckpt) if ckpt else {}
     path = opt.get('path') or {}
-    nets = {'grm': grm}
-    if denoiser is not None:
-        nets['dit'] = denoiser.dit
-        if denoiser.texture_encoder is not None:
-            nets['texture'] = denoiser.texture_encoder
-    if ckpt and set(nets) - set(files):
+    if ckpt and set(nets) - set(files) - ({'grm'} if stablesr else set()):  # StableSR+PGS: the GRM is another run's
         raise CheckpointError(f'--ckpt {ckpt} has no net_{sorted(set(nets) - set(files))[0]}_*.pth; networks of '
                               f'different runs are not mixed')
     for name, net in nets.items():
@@ -126,12 +136,17 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
     sampler = build_inference_sampler(opt, denoiser, devices, device_split) if denoiser is not None else None
     if sampler is not None:
         sampler.progress = progress
-    rtm = build_rtm_for(opt, autoencoder, denoiser, device)
+    rtm = None if stablesr else build_rtm_for(opt, autoencoder, denoiser, device)
     return PatchScalerPipeline(
         autoencoder, grm, opt['scale'], denoiser, sampler, rtm,
         color_fix=opt.get('color_fix', True) if color_fix is None else color_fix,
         tile=opt.get('tile') if tile is None else tile, tile_overlap=opt.get('tile_overlap', 64),
         **dict(speed_options(opt), **({'devices': devices} if devices else {})))
+
+
+def is_stablesr(opt):
+    """Whether an option file is a StableSR / StableSR+PGS one (``StableSRModel`` or a ``StableSRUNet``)."""
+    return opt.get('model_type') == 'StableSRModel' or (opt.get('network_g') or {}).get('type') == 'StableSRUNet'
 
 
 def list_images(inputs):

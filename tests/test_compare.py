@@ -67,8 +67,9 @@ def comparison(tmp_path):
     esr['path'] = {'pretrain_network_g': str(tmp_path / 'esr.pth'), 'param_key_g': 'params_ema'}
     sr = _load('stablesr/demo/test_stablesr_demo.yml')
     sr['autoencoder'] = ae
-    sr['network_g'] = dict(type='StableSRUNet', unet=TINY_UNET, encoder_channels=[8, 16], patch_size=8,
-                           prediction_type='v_prediction')
+    sr['network_g'] = dict(type='StableSRUNet', unet=TINY_UNET, patch_size=8, prediction_type='v_prediction',
+                           encoder=dict(model_channels=32, out_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                                        attention_resolutions=[2], num_heads=2))
     sr['sampler'] = dict(sr['sampler'], patch_size=8, stride=8)  # no overlap: fewer tiles, a faster test
     torch.save({'params_ema': build_network(dict(sr['network_g'])).state_dict()}, tmp_path / 'sr.pth')
     sr['path'] = {'pretrain_network_g': str(tmp_path / 'sr.pth'), 'param_key_g': 'params_ema'}

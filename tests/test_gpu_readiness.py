@@ -165,8 +165,8 @@ def test_stablesr_freezes_the_unet_before_ddp_wraps_it(tmp_path, gloo_group):
         model.feed_data(_batch(it))
         model.optimize_parameters(it)
     net = model.get_bare_model(model.net_g)
-    sft = {id(p) for layer in net.sft_layers for p in layer.sft.parameters()}
-    assert model.freeze_unet and not any(p.requires_grad for p in net.unet.parameters() if id(p) not in sft)
+    spade = {id(p) for n, p in net.unet.named_parameters() if '.spade.' in n}
+    assert model.freeze_unet and not any(p.requires_grad for p in net.unet.parameters() if id(p) not in spade)
 
 
 # ---------------------------------------------------------------- retrieval in float32

@@ -1,5 +1,6 @@
-"""StableSR-style baseline: the UNet + time-aware encoder + SFT arch, its training targets, the model's
-training/checkpoints, and StableSR vs StableSR+PGS through the same sampler, built from the demo YAML."""
+"""StableSR baseline: the published architecture (UNet with SPADE + time-aware encoder) at demo size, its training
+targets, the model's training/checkpoints, and StableSR vs StableSR+PGS through the same sampler, built from the demo
+YAML. The port against the published model: tests/test_stablesr_port.py."""
 import os
 
 import pytest
@@ -17,6 +18,8 @@ TINY_UNET = dict(sample_size=8, in_channels=12, out_channels=12, block_out_chann
                  down_block_types=['DownBlock2D', 'CrossAttnDownBlock2D'],
                  up_block_types=['CrossAttnUpBlock2D', 'UpBlock2D'], cross_attention_dim=16, attention_head_dim=4,
                  norm_num_groups=8)
+TINY_ENCODER = dict(model_channels=32, out_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                    attention_resolutions=[2], num_heads=2)
 
 
 def _yaml(name):
@@ -25,31 +28,37 @@ def _yaml(name):
 
 
 def _tiny_net(**kw):
-    return build_network(dict(type='StableSRUNet', unet=dict(TINY_UNET), encoder_channels=[8, 16], **kw))
+    return build_network(dict(type='StableSRUNet', unet=dict(TINY_UNET), encoder=dict(TINY_ENCODER), **kw))
 
 
 def test_demo_arch_builds_from_yaml_and_keeps_shapes():
     net = build_network(dict(_yaml('train_stablesr_demo.yml')['network_g']))
     assert isinstance(net, StableSRUNet) and net.patch_size == 16 and net.prediction_type == 'v_prediction'
-    assert len(net.sft_layers) == 8  # every resnet: 2 down, 2 mid, 4 up
+    assert net.num_spade == 8  # every resnet: 2 down, 2 mid, 4 up
+    spades = [n for n, _ in net.named_modules() if n.endswith('.spade')]
+    assert len(spades) == 8 and len(list(net.parameters())) == len(net.state_dict())  # each registered once
     x = torch.randn(2, 48, 16, 16)
     assert net(x, torch.tensor([3, 900]), {'y_lr': torch.randn_like(x)}).shape == x.shape
 
 
-def test_sft_starts_as_identity_then_conditions_on_the_lr_latent():
-    """Zero-initialised γ/β: a fresh model is the plain UNet (its output ignores y_LR), so pretrained SD weights
-    start unchanged; once γ/β are non-zero the LR latent modulates every level."""
+def test_spade_conditions_every_level_on_the_lr_latent():
+    """Another LR latent gives another output; the features are not kept between calls; old options are refused."""
     torch.manual_seed(0)
     net = _tiny_net().eval()
     x, t = torch.randn(2, 12, 8, 8), torch.tensor([10, 500])
-    a, b = net(x, t, {'y_lr': torch.randn_like(x)}), net(x, t, {'y_lr': torch.randn_like(x)})
-    assert torch.equal(a, b)
-    for layer in net.sft_layers:
-        torch.nn.init.normal_(layer.sft.gamma.weight, std=0.1)
-    a, b = net(x, t, {'y_lr': torch.randn_like(x)}), net(x, t, {'y_lr': torch.randn_like(x)})
-    assert (a - b).abs().mean() > 1e-3
+    with torch.no_grad():
+        a, b = net(x, t, {'y_lr': torch.randn_like(x)}), net(x, t, {'y_lr': torch.randn_like(x)})
+    assert (a - b).abs().mean() > 1e-4
     from patchscaler.archs.stablesr_arch import _FEATURES
     assert _FEATURES.get() is None  # nothing held between calls
+    with pytest.raises(ConfigError, match='encoder_channels belonged to the former'):
+        build_network(dict(type='StableSRUNet', unet=dict(TINY_UNET), encoder_channels=[8, 16]))
+    with pytest.raises(ConfigError, match='one entry per UNet level'):
+        _tiny_net_enc(channel_mult=[1, 2, 2])
+
+
+def _tiny_net_enc(**enc):
+    return build_network(dict(type='StableSRUNet', unet=dict(TINY_UNET), encoder=dict(TINY_ENCODER, **enc)))
 
 
 def test_loads_a_local_unet_folder_and_names_missing_files(tmp_path):
@@ -57,7 +66,7 @@ def test_loads_a_local_unet_folder_and_names_missing_files(tmp_path):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
     unet.save_pretrained(tmp_path / 'unet')
-    net = build_network(dict(type='StableSRUNet', unet_path=str(tmp_path / 'unet'), encoder_channels=[8, 16]))
+    net = build_network(dict(type='StableSRUNet', unet_path=str(tmp_path / 'unet'), encoder=dict(TINY_ENCODER)))
     assert torch.equal(net.unet.conv_in.weight, unet.conv_in.weight) and net.prompt.shape == (1, 77, 16)
     with pytest.raises(MissingWeightsError, match='nowhere/config.json'):
         StableSRUNet(unet_path=str(tmp_path / 'nowhere'))
@@ -89,19 +98,20 @@ def test_training_target_inverts_to_x0(prediction_type):
 
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
 def test_stablesr_sampler_follows_ddim_from_the_noised_lr_latent(prediction_type):
-    """StableSR's sampler (SD schedule, one group from T, 20 trailing DDIM steps on overlapping tiles) with a
-    denoiser that outputs the exact ε / v of a known x0: the first call sees sqrt(ᾱ_999)·y0 + sqrt(1-ᾱ_999)·n
-    (y0 = the LR latent, n the sampler's seeded noise), every later x_t is sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε of one
-    fixed ε (deterministic DDIM), at 999, 949, …, 49; the result is x0."""
+    """StableSR's sampler (SD schedule, one group from T, 20 ancestral steps on the respaced timesteps, overlapping
+    tiles fused at every step) with a denoiser that outputs the exact ε / v of a known x0: the first call sees
+    sqrt(ᾱ_999)·y0 + sqrt(1-ᾱ_999)·n (y0 = the LR latent, n the sampler's seeded noise), the calls walk
+    999, 946, …, 53, 0 with all tiles at each, and the result is x0."""
     from patchscaler.models.stablesr_model import stablesr_sampler_options
     from patchscaler.sampling import build_sampler
     from patchscaler.sampling.patches import PatchGrid
     sampler = build_sampler(dict(stablesr_sampler_options(8, prediction_type), stride=4))
+    assert sampler.eta == 1 and sampler.fuse_overlaps and sampler.timestep_spacing == 'respaced'
     a_bar = sampler.scheduler.alphas_cumprod
     g = torch.Generator().manual_seed(0)
     x0, y0 = torch.randn(1, 12, 24, 20, generator=g) * 0.5, torch.randn(1, 12, 24, 20, generator=g) * 0.5
     grid = PatchGrid.for_shape(24, 20, 8, 4)
-    x0_p, y0_p = grid.patchify(x0).flatten(0, 1), grid.patchify(y0).flatten(0, 1)
+    y0_p = grid.patchify(y0).flatten(0, 1)
     n_p = grid.patchify(torch.randn(1, 12, 24, 20, generator=torch.Generator().manual_seed(0))).flatten(0, 1)
     calls = []
 
@@ -110,39 +120,45 @@ def test_stablesr_sampler_follows_ddim_from_the_noised_lr_latent(prediction_type
         a = a_bar[t].view(-1, 1, 1, 1).to(x_t)
         return training_target(cond['x0'], (x_t - a.sqrt() * cond['x0']) / (1 - a).sqrt(), a, prediction_type)
     out, report = sampler.sample(oracle, y0, None, cond={'x0': x0}, seed=0)
-    assert [t for _, t in calls] == list(range(999, 0, -50))  # one batch of all patches per step
+    from patchscaler.sampling.schedules import ddim_step, respaced_timesteps, step_noise
+    ts = respaced_timesteps(1000, 20)
+    assert [t for _, t in calls] == ts  # one batch of all patches per step
     a = a_bar[999]
     assert torch.allclose(calls[0][0], a.sqrt() * y0_p + (1 - a).sqrt() * n_p, atol=1e-5)
-    eps = (calls[0][0] - a.sqrt() * x0_p) / (1 - a).sqrt()
-    for x_t, t in calls[1:]:
-        assert torch.allclose(x_t, a_bar[t].sqrt() * x0_p + (1 - a_bar[t]).sqrt() * eps, atol=1e-4), t
+    # every later x_t: the ancestral (η = 1) step of the exact x0 from the previous x_t, with that step's noise
+    x = a.sqrt() * y0 + (1 - a).sqrt() * torch.randn(1, 12, 24, 20, generator=torch.Generator().manual_seed(0))
+    for i, (x_t, t) in enumerate(calls):
+        assert torch.allclose(x_t, grid.patchify(x).flatten(0, 1), atol=1e-4), t
+        a_t, a_prev = a_bar[t], (a_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0))
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        x = ddim_step(eps, x, float(a_t), float(a_prev), 'epsilon', 1.0, step_noise(0, t, x.shape))
     assert torch.allclose(out, x0, atol=1e-5) and report.nfe_total == 20 * report.num_patches
 
 
-def test_freeze_unet_trains_only_the_encoder_and_sft(tmp_path):
-    """StableSR keeps SD's UNet fixed: with train.freeze_unet only the time-aware encoder and SFT layers move."""
+def test_freeze_unet_trains_only_the_encoder_and_spade(tmp_path):
+    """StableSR keeps SD's UNet fixed: with train.freeze_unet only the time-aware encoder and SPADE layers move."""
     torch.manual_seed(0)
     opt = _opt('train_stablesr_demo.yml', tmp_path, True)
     opt['train']['freeze_unet'] = True
     model = StableSRModel(opt)
     net = model.net_g
-    sft = {n for n, _ in net.named_parameters() if '.sft.' in n}
+    spade = {n for n, _ in net.named_parameters() if '.spade.' in n}
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     for it in (1, 2):
         model.feed_data(_batch(it))
         model.optimize_parameters(it)
     moved = {n for n, p in net.named_parameters() if not torch.equal(before[n], p)}
-    assert moved and all(n.startswith('encoder.') or n in sft for n in moved)
-    assert any(n.startswith('encoder.') for n in moved) and moved & sft
-    assert sum(p.numel() for g in model.optimizer_g.param_groups for p in g['params']) < \
-        sum(p.numel() for p in net.parameters()) / 2
+    assert moved and all(n.startswith('encoder.') or n in spade for n in moved)
+    assert any(n.startswith('encoder.') for n in moved) and moved & spade
+    trained = {id(p) for g in model.optimizer_g.param_groups for p in g['params']}
+    assert trained == {id(p) for n, p in net.named_parameters() if n.startswith('encoder.') or n in spade}
 
 
 def _opt(name, tmp_path, is_train, **extra):
     opt = _yaml(name)
     opt.update(is_train=is_train, dist=False, rank=0, world_size=1, num_gpu=0, **extra)
     opt['autoencoder'] = {'type': 'PixelUnshuffleAutoencoder', 'downscale': 2}
-    opt['network_g'] = dict(type='StableSRUNet', unet=dict(TINY_UNET), encoder_channels=[8, 16], patch_size=8,
+    opt['network_g'] = dict(type='StableSRUNet', unet=dict(TINY_UNET), encoder=dict(TINY_ENCODER), patch_size=8,
                             prediction_type=opt['network_g']['prediction_type'])
     opt['sampler'] = dict(opt['sampler'], patch_size=8, stride=4)
     opt['path'] = dict(opt['path'], models=str(tmp_path / 'models'), training_states=str(tmp_path / 'states'),
@@ -225,6 +241,17 @@ def test_stablesr_and_stablesr_pgs_share_weights_and_sampler_code(tmp_path):
     assert pgs.report.nfe_total == sum(n * c for n, c in zip((8, 14, 20), pgs.report.patches_per_group))
     errors = uni.x0_errors()  # the v output converted to x0, at 4 timesteps, then y0 = y_LR itself
     assert errors.shape == (5,) and torch.isfinite(errors).all()
+    for model in (uni, pgs):  # a validation pass, detail measures included: StableSR has no GRM output to score
+        model.nondist_validation(_Loader(batch), 1, None, False)
+        assert set(model.metric_results) >= {'psnr', 'ssim'}
+
+
+class _Loader(list):
+    """One validation image as BasicSR's dataloader yields it."""
+
+    def __init__(self, batch):
+        super().__init__([{'lq': batch['lq'][:1], 'gt': batch['gt'][:1], 'lq_path': ['x/a.png']}])
+        self.dataset = type('D', (), {'opt': {'name': 'tiny', 'type': 'PairedSRDataset'}})()
 
 
 def test_pgs_without_a_grm_and_grm_without_weights_are_config_errors(tmp_path):

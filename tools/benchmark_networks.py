@@ -6,7 +6,7 @@ live there):
 - ``e2e``: a PatchScaler option file end to end on one image, split by pipeline stage (encode, GRM, PGS,
   decode, color fix); the trained demo run's weights when present, else random init;
 - ``baselines``: Real-ESRGAN's and SwinIR's generators at paper size on the same input;
-- ``stablesr``: StableSR (uniform DDIM-20 on every tile, no GRM) vs StableSR+PGS (GRM + the paper's groups) with
+- ``stablesr``: StableSR (its 20-step sampler on every tile, no GRM) vs StableSR+PGS (GRM + the paper's groups) with
   the same UNet weights on the same image, end to end; the demo's trained runs when present, else random init;
   ``--stablesr-size sd21`` uses a random-init SD-2.1-size UNet (77-token prompt) and SD VAE instead (V = 64,
   LR 512, GPU-sized). An untrained GRM grades every patch hard, so random-init runs group by fixed shares.

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchscaler.archs.autoencoder_arch import pad_to_multiple
-from patchscaler.utils.color_fix import wavelet_color_fix
+from patchscaler.utils.color_fix import COLOR_FIXES, color_fix_kind
 from patchscaler.utils.errors import ConfigError, InputError
 from patchscaler.utils.tiling import tiled_apply
 from patchscaler.utils.timing import _sync
@@ -171,7 +171,7 @@ class PatchScalerPipeline:
             raise ConfigError('network_texture needs an RTM (the rtm option) to retrieve texture priors from')
         self.autoencoder, self.grm, self.scale = autoencoder, grm, int(scale)
         self.denoiser, self.sampler, self.rtm, self.top_k = denoiser, sampler, rtm, top_k
-        self.color_fix = color_fix
+        self.color_fix = color_fix_kind(color_fix)
         self.autocast = autocast_dtype(autocast, self.device)
         d = autoencoder.downscale_factor
         if tile is not None and (int(tile) < 2 * d or int(tile) % d):
@@ -262,14 +262,24 @@ class PatchScalerPipeline:
             return fn(x)
         return self._autoencoder_call(run, images, 'encode')
 
-    def decode(self, latent):
+    def decode(self, latent, guide=None):
+        """The autoencoder's decode of ``latent``, tiled above ``tile`` px. ``guide``: the (padded) upsampled LR
+        image, for a decoder that reads it (``needs_guide``: StableSR's CFW); tiled with the latent, as its
+        pixel-unshuffled channels, so each latent tile decodes with its own image region."""
+        d = self.autoencoder.downscale_factor
+        fn = self.autoencoder.decode
+        if guide is not None:
+            c = latent.shape[1]
+            guide = F.pixel_unshuffle(guide.to(latent.dtype), d)
+
+            def fn(t):
+                return self.autoencoder.decode(t[:, :c], F.pixel_shuffle(t[:, c:], d))
+
         def run(z):
-            fn = self.autoencoder.decode
-            d = self.autoencoder.downscale_factor
             if self.tile and max(z.shape[-2:]) * d > self.tile:
                 return tiled_apply(fn, z, self.tile // d, max(1, self.tile_overlap // d), d)
             return fn(z)
-        return self._autoencoder_call(run, latent, 'decode')
+        return self._autoencoder_call(run, latent if guide is None else torch.cat([latent, guide], 1), 'decode')
 
     def _autoencoder_call(self, run, x, what):
         """fp32, or with ``autoencoder_autocast`` in the pipeline's autocast dtype; a low-precision result with
@@ -343,13 +353,17 @@ class PatchScalerPipeline:
             y_lr = None
             if not (return_grm and report is not None):
                 y_hr = None
-        sr = timed('decode', lambda: self.decode(x_hr)[..., :h, :w])
+        guide = None
+        if getattr(self.autoencoder, 'needs_guide', False):  # StableSR's CFW decoder reads the upsampled LR too
+            guide = pad_to_multiple(upsample_lr(lq, self.scale) if up is None else up, d)[0]
+        sr = timed('decode', lambda: self.decode(x_hr, guide)[..., :h, :w])
         x_hr = None
         if report is not None and self.color_fix:  # the fix is for the diffusion stage's colour drift
-            sr = timed('color_fix', lambda: wavelet_color_fix(sr, upsample_lr(lq, self.scale) if up is None else up))
+            fix = COLOR_FIXES[self.color_fix]
+            sr = timed('color_fix', lambda: fix(sr, upsample_lr(lq, self.scale) if up is None else up))
         grm_img = conf = None
         if return_grm and self.grm is not None:  # not timed: only validation and the comparison strips need it
-            grm_img = (sr if report is None else self.decode(y_hr)[..., :h, :w]).clamp(0, 1)
+            grm_img = (sr if report is None else self.decode(y_hr, guide)[..., :h, :w]).clamp(0, 1)
         if confidence is not None:
             conf = confidence[..., :-(-h // d), :-(-w // d)]
         return PipelineOutput(sr=sr.clamp_(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,

@@ -1,22 +1,26 @@
-"""StableSRModel: a StableSR-style latent diffusion SR baseline, and StableSR+PGS without retraining.
+"""StableSRModel: StableSR (the published architecture, :mod:`patchscaler.archs.stablesr_arch`) as a baseline, and
+StableSR+PGS without retraining.
 
 Training (StableSR's recipe, on PatchScaler's data and degradation): the frozen autoencoder encodes the HR
 image (x0) and the bicubic-upsampled LR image (y_LR); on ``patches_per_image`` random V×V latent crops,
 t ~ U[0, T), x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, and :class:`~patchscaler.archs.stablesr_arch.StableSRUNet`
-(UNet + time-aware encoder on the y_LR crop) regresses ε, v or x0 (its ``prediction_type``) with
+(UNet with SPADE + time-aware encoder on the y_LR crop) regresses ε, v or x0 (its ``prediction_type``) with
 ``pixel_opt`` (MSE by default). ``train.freeze_unet`` keeps the UNet's own weights fixed and trains the
-time-aware encoder and the SFT layers only, as StableSR does with SD's UNet; it defaults to true when the UNet
+time-aware encoder and the SPADE layers only, as StableSR does with SD's UNet; it defaults to true when the UNet
 is loaded from ``unet_path`` (pretrained) and to false for a UNet built from a config (the demo trains one from
-scratch). EMA, gradient clipping and bf16 autocast as in PatchScalerModel. The ᾱ table
-is the sampler's scheduler's, so training and sampling share one schedule.
+scratch). EMA, gradient clipping and bf16 autocast as in PatchScalerModel. The ᾱ table is the sampler's
+scheduler's, so training and sampling share one schedule. The published weights need no training:
+``tools/convert_stablesr.py`` converts them (``options/stablesr/test_stablesr_x4.yml``).
 
 Sampling goes through the same :class:`~patchscaler.models.pipeline.PatchScalerPipeline` and the same PGS
 sampler as PatchScaler, with a different configuration only:
 
-* **StableSR** (no ``network_grm``): one group, τ = T, N = 20 DDIM steps, y0 = y_LR: every V×V latent tile
-  starts from sqrt(ᾱ_T)·y_LR + sqrt(1-ᾱ_T)·ε, as StableSR's own sampling initialises from the noised LR
-  latent, and the tiles are blended with Gaussian weights like its aggregation sampling.
-* **StableSR+PGS** (section 4.4, Table 3): add ``network_grm`` with the weights of a trained PatchScaler
+* **StableSR** (no ``network_grm``): one group, τ = T, N = 20, y0 = y_LR, as published
+  (``sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py``): every latent pixel starts from
+  sqrt(ᾱ_999)·y_LR + sqrt(1-ᾱ_999)·ε, then ancestral DDPM (DDIM with η = 1) on the respaced timesteps
+  999, 946, …, 53, 0, the V×V tiles' estimates fused with Gaussian weights at every step (``fuse_overlaps``).
+  The sampler when the options name none: :func:`stablesr_sampler_options`.
+* **StableSR+PGS** (section 4.3, Table 3): add ``network_grm`` with the weights of a trained PatchScaler
   GRM (``path.pretrain_network_grm``) and a 3-group PGS sampler: y0 = the GRM's coarse latent, groups from
   its confidence map, V = the UNet's tile (64 with SD, as in the paper). Nothing in the sampler or the
   network knows it is StableSR; only the options change.
@@ -43,22 +47,23 @@ from patchscaler.sampling import build_sampler
 from patchscaler.sampling.schedules import q_sample, training_target
 from patchscaler.utils.errors import ConfigError
 
-# StableSR's sampling: SD's scaled-linear schedule, 20 DDIM steps over all of [0, T), one group (uniform)
+# StableSR's sampling: SD's scaled-linear schedule; ancestral steps (η = 1) on the respaced timesteps, one group
 STABLESR_SCHEDULER = dict(type='DDIMScheduler', num_train_timesteps=1000, beta_schedule='scaled_linear',
-                          beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=True,
-                          timestep_spacing='trailing')
+                          beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=True)
 
 
-def stablesr_sampler_options(patch_size, prediction_type):
-    """The uniform DDIM-20 sampler StableSR uses when the options name none, at the UNet's tile V."""
-    return dict(type='PatchGroupSampler', patch_size=patch_size, groups=[{'tau': 1000, 'steps': 20}],
+def stablesr_sampler_options(patch_size, prediction_type, steps=20):
+    """StableSR's own sampler (module docstring) at the UNet's tile V, overlap V/2: used when the options name
+    none."""
+    return dict(type='PatchGroupSampler', patch_size=patch_size, stride=patch_size // 2,
+                groups=[{'tau': 1000, 'steps': steps}], timestep_spacing='respaced', eta=1.0, fuse_overlaps=True,
                 scheduler=dict(STABLESR_SCHEDULER), prediction_type=prediction_type)
 
 
 @MODEL_REGISTRY.register()
 class StableSRModel(PatchScalerModel):
     """Options: ``scale``, ``autoencoder``, ``network_g`` (StableSRUNet), ``sampler`` (default: StableSR's
-    uniform DDIM-20), ``network_grm`` (optional, pretrained: StableSR+PGS), ``color_fix``, ``tile``,
+    the published sampler), ``network_grm`` (optional, pretrained: StableSR+PGS), ``color_fix``, ``tile``,
     ``degradation``, ``train`` (:attr:`TRAIN_OPTION_KEYS`), ``val``."""
 
     REQUIRED_OPTION_KEYS = ('scale', 'autoencoder', 'network_g')
@@ -128,12 +133,13 @@ class StableSRModel(PatchScalerModel):
 
     def _freeze(self, net, train_opt):
         """``train.freeze_unet`` (default: on when the UNet comes from ``unet_path``): SD's UNet stays as it is,
-        the SFT layers inside it and the encoder train. Returns whether it froze."""
+        the SPADE layers inside it and the encoder train. Returns whether it froze."""
         freeze = bool(train_opt.get('freeze_unet', bool(self.opt['network_g'].get('unet_path'))))
         if freeze:
             net.unet.requires_grad_(False)
-            for layer in net.sft_layers:
-                layer.sft.requires_grad_(True)
+            for name, module in net.unet.named_modules():
+                if name.endswith('.spade'):
+                    module.requires_grad_(True)
         return freeze
 
     def optimize_parameters(self, current_iter):

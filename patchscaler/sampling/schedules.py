@@ -60,7 +60,11 @@ def respaced_timesteps(tau, steps, num_train_timesteps=1000):
     trailing_timesteps(tau, steps, num_train_timesteps)  # the same range checks
     tau, steps = int(tau), int(steps)
     stride = (tau - 1) / (steps - 1) if steps > 1 else 1
-    return sorted({round(k * stride) for k in range(steps)}, reverse=True)
+    taken, position = set(), 0.0
+    for _ in range(steps):  # accumulated as space_timesteps does: its rounding, ties included
+        taken.add(round(position))
+        position += stride
+    return sorted(taken, reverse=True)
 
 
 #: how a group's {tau, steps} becomes timesteps (the sampler's ``timestep_spacing``)

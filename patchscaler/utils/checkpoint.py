@@ -127,6 +127,15 @@ def load_weights(net, path, param_key='params', strict=True, where='network'):
             parts.append(f'{len(unexpected)} unexpected, e.g. {unexpected[0]}')
         raise CheckpointError(f'{path} does not fit {where} ({"; ".join(parts)}): it was written for another '
                               f'configuration; use the option file it was trained with')
+    if not strict and not set(state) & set(own):
+        raise CheckpointError(f'{path} shares no parameter name with {where} (file: e.g. {next(iter(state), None)}; '
+                              f'model: e.g. {next(iter(own), None)}): a non-strict load would load nothing. Convert '
+                              f'the file first (for the published StableSR: tools/convert_stablesr.py)')
+    if not strict and (missing or unexpected):
+        from basicsr.utils import get_root_logger
+        get_root_logger().warning(f'{where}: non-strict load of {path}: {len(set(state) & set(own))} of {len(own)} '
+                                  f'tensors loaded; {len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} '
+                                  f'unexpected (e.g. {unexpected[:1]})')
     net.load_state_dict(state, strict=strict)
     return net
 

@@ -96,3 +96,37 @@ def _fix(sr, reference, levels, work):
     sr_w = sr.to(work)
     ref_w = reference.to(device=sr.device, dtype=work)
     return (sr_w - _low(sr_w, levels) + _low(ref_w, levels)).to(sr.dtype)
+
+
+def adain_color_fix(sr, reference, eps=1e-5):
+    """StableSR's AdaIN colour fix (``scripts/wavelet_color_fix.py``, the one its paper uses): each channel of
+    ``sr`` gets the mean and standard deviation of the reference's (the upsampled LR), over the whole image,
+    ``(sr - μ_sr) / σ_sr · σ_ref + μ_ref``, with σ² the unbiased variance + ``eps``. Computed on [-1, 1] images as
+    published (the eps sits on that scale) and returned in [0, 1], in ``sr``'s dtype; not clamped."""
+    _check_image('sr', sr)
+    _check_image('reference', reference)
+    if sr.shape != reference.shape:
+        raise InputError(f'colour fix: reference is {tuple(reference.shape)} but sr is {tuple(sr.shape)}; '
+                         'upsample the LR image to the SR size first')
+    work = _work_dtype(sr.dtype)
+    a = sr.to(work).flatten(2) * 2 - 1
+    b = reference.to(device=sr.device, dtype=work).flatten(2) * 2 - 1
+    a_std, b_std = (a.var(dim=2, keepdim=True) + eps).sqrt(), (b.var(dim=2, keepdim=True) + eps).sqrt()
+    out = (a - a.mean(dim=2, keepdim=True)) / a_std * b_std + b.mean(dim=2, keepdim=True)
+    return ((out.reshape(sr.shape) + 1) / 2).to(sr.dtype)
+
+
+#: the colour fixes by name (option ``color_fix``; true = 'wavelet', false / 'none' = none)
+COLOR_FIXES = {'wavelet': wavelet_color_fix, 'adain': adain_color_fix}
+
+
+def color_fix_kind(value):
+    """The colour-fix name of an option value: True -> 'wavelet' (PatchScaler's, section 4.1), False / None /
+    'none' -> None, 'wavelet' / 'adain' as given."""
+    if value is True or value == 'wavelet':
+        return 'wavelet'
+    if value in (False, None, 'none'):
+        return None
+    if value in COLOR_FIXES:
+        return value
+    raise ConfigError(f'color_fix must be true/false or one of {sorted(COLOR_FIXES)} / none, got {value!r}')
