@@ -55,6 +55,13 @@ def test_spade_conditions_every_level_on_the_lr_latent():
         build_network(dict(type='StableSRUNet', unet=dict(TINY_UNET), encoder_channels=[8, 16]))
     with pytest.raises(ConfigError, match='one entry per UNet level'):
         _tiny_net_enc(channel_mult=[1, 2, 2])
+    with pytest.raises(ConfigError, match='num_heads=3'):
+        _tiny_net_enc(num_heads=3)
+    with pytest.raises(ConfigError, match=r"no option\(s\) \['heads'\]"):
+        _tiny_net_enc(heads=2)
+    net.unet.enable_gradient_checkpointing()
+    with pytest.raises(ConfigError, match='gradient checkpointing'):
+        net(x, t, {'y_lr': x})
 
 
 def _tiny_net_enc(**enc):
