@@ -232,7 +232,7 @@ class TimeAwareEncoder(nn.Module):
                                   _ResBlock(ch, emb, groups=groups))
         taps.append(ch)
         self.fea_tran = nn.ModuleList(_ResBlock(c, emb, out_channels, groups) for c in taps)
-        self.out_channels, self.levels = out_channels, len(channel_mult)
+        self.out_channels = out_channels
 
     def forward(self, x, t):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))

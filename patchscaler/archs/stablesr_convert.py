@@ -111,14 +111,12 @@ def check_schedule(state_dict, alphas_cumprod, atol=1e-5):
 def check_state(net, state, where='the network'):
     """Strict key and shape check of ``state`` against ``net``: one :class:`CheckpointError` naming the first
     missing and unexpected key, or the first shape that differs."""
-    own = net.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f'{k}: file {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    from patchscaler.utils.checkpoint import state_differences
+    missing, unexpected, shapes = state_differences(net.state_dict(), state)
     if missing or unexpected or shapes:
         parts = ([f'{len(missing)} missing, first {missing[0]}'] if missing else []) + \
                 ([f'{len(unexpected)} unexpected, first {unexpected[0]}'] if unexpected else []) + \
-                ([f'{len(shapes)} shape(s) differ, first {shapes[0]}'] if shapes else [])
+                ([f'{len(shapes)} shape(s) differ (file vs network), first {shapes[0]}'] if shapes else [])
         raise CheckpointError(f'the converted file does not fit {where}: {"; ".join(parts)}')
 
 

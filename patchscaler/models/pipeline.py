@@ -353,14 +353,15 @@ class PatchScalerPipeline:
             y_lr = None
             if not (return_grm and report is not None):
                 y_hr = None
-        guide = None
-        if getattr(self.autoencoder, 'needs_guide', False):  # StableSR's CFW decoder reads the upsampled LR too
-            guide = pad_to_multiple(upsample_lr(lq, self.scale) if up is None else up, d)[0]
+        cfw = getattr(self.autoencoder, 'needs_guide', False)  # StableSR's CFW decoder reads the upsampled LR too
+        fixing = report is not None and self.color_fix  # the fix is for the diffusion stage's colour drift
+        ref = upsample_lr(lq, self.scale) if up is None and (cfw or fixing) else up  # made again once, here
+        guide = pad_to_multiple(ref, d)[0] if cfw else None
         sr = timed('decode', lambda: self.decode(x_hr, guide)[..., :h, :w])
         x_hr = None
-        if report is not None and self.color_fix:  # the fix is for the diffusion stage's colour drift
+        if fixing:
             fix = COLOR_FIXES[self.color_fix]
-            sr = timed('color_fix', lambda: fix(sr, upsample_lr(lq, self.scale) if up is None else up))
+            sr = timed('color_fix', lambda: fix(sr, ref))
         grm_img = conf = None
         if return_grm and self.grm is not None:  # not timed: only validation and the comparison strips need it
             grm_img = (sr if report is None else self.decode(y_hr, guide)[..., :h, :w]).clamp(0, 1)

@@ -99,6 +99,15 @@ def safe_torch_load(path, map_location='cpu'):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def state_differences(own, state):
+    """(missing, unexpected, shape differences) of a state dict ``state`` against a network's ``own``: sorted key
+    lists, and ``'key (file shape) vs (model shape)'`` strings in ``own``'s order."""
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
 def load_weights(net, path, param_key='params', strict=True, where='network'):
     """Load a BasicSR network file (``{param_key: state_dict}``) into ``net``, with one-line errors.
 
@@ -116,9 +125,7 @@ def load_weights(net, path, param_key='params', strict=True, where='network'):
         raise CheckpointError(f'{path} holds no state_dict of tensors (under {param_key!r}) for {where}')
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     own = net.state_dict()
-    shapes = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing, unexpected, shapes = state_differences(own, state)
     if shapes or (strict and (missing or unexpected)):
         parts = [f'{len(shapes)} shape(s) differ (file vs model), e.g. {shapes[0]}'] if shapes else []
         if strict and missing:

@@ -26,6 +26,14 @@ def _check_image(name, x):
         raise InputError(f'{name} must be a floating-point (B, C, H, W) tensor, got {what}')
 
 
+def _check_pair(sr, reference):
+    _check_image('sr', sr)
+    _check_image('reference', reference)
+    if sr.shape != reference.shape:
+        raise InputError(f'colour fix: reference is {tuple(reference.shape)} but sr is {tuple(sr.shape)}; '
+                         'upsample the LR image to the SR size first')
+
+
 def _work_dtype(dtype):
     """Blur in float32 at least: the repeated sums lose too much in bfloat16/float16 (and CPU half conv is slow)."""
     return torch.promote_types(dtype, torch.float32)
@@ -71,11 +79,7 @@ def wavelet_color_fix(sr, reference, levels=5, band=512):
     16000×12000 would otherwise hold several 2.3 GB copies). The margin covers everything the blurs reach, so the
     result is the same as in one pass. None: one pass.
     """
-    _check_image('sr', sr)
-    _check_image('reference', reference)
-    if sr.shape != reference.shape:
-        raise InputError(f'colour fix: reference is {tuple(reference.shape)} but sr is {tuple(sr.shape)}; '
-                         'upsample the LR image to the SR size first')
+    _check_pair(sr, reference)
     _check_levels(levels)
     if band is not None and (not isinstance(band, int) or band < 1):
         raise ConfigError(f'colour fix band must be an integer >= 1 or None, got {band!r}')
@@ -103,11 +107,7 @@ def adain_color_fix(sr, reference, eps=1e-5):
     ``sr`` gets the mean and standard deviation of the reference's (the upsampled LR), over the whole image,
     ``(sr - μ_sr) / σ_sr · σ_ref + μ_ref``, with σ² the unbiased variance + ``eps``. Computed on [-1, 1] images as
     published (the eps sits on that scale) and returned in [0, 1], in ``sr``'s dtype; not clamped."""
-    _check_image('sr', sr)
-    _check_image('reference', reference)
-    if sr.shape != reference.shape:
-        raise InputError(f'colour fix: reference is {tuple(reference.shape)} but sr is {tuple(sr.shape)}; '
-                         'upsample the LR image to the SR size first')
+    _check_pair(sr, reference)
     work = _work_dtype(sr.dtype)
     a = sr.to(work).flatten(2) * 2 - 1
     b = reference.to(device=sr.device, dtype=work).flatten(2) * 2 - 1
