@@ -51,7 +51,6 @@ import inspect
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
@@ -61,13 +60,13 @@ from ..utils.errors import ConfigError, InputError
 from .fusion import check_fusable, fused_walk, timelines
 from .grouping import GroupAssigner, check_confidence
 from .patches import PatchGrid, blend_window
+from .report import PGSReport
 from .schedules import (
     ALPHA_TABLE_SCHEDULERS,
-    TIMESTEP_SPACINGS,
     build_scheduler,
     calls_per_patch,
     denoise,
-    explicit_timesteps,
+    group_schedules,
     schedules_aligned,
     step_noise,
 )
@@ -88,85 +87,11 @@ class PerPatch:
         self.tensor = tensor
 
 
-@dataclass
-class PGSReport:
-    """What one PGS call did. NFE counts patch evaluations: one denoiser evaluation of one V×V patch."""
-
-    group_names: tuple
-    taus: tuple
-    steps: tuple
-    timesteps: tuple
-    aligned: bool
-    patches_per_group: tuple
-    nfe_per_patch: torch.Tensor  # (B, M)
-    nfe_total: int
-    nfe_uniform: int
-    uniform_steps: int
-    denoiser_calls: int
-    cond_calls: int
-    execution: str  # 'per_group' or 'per_step'
-    qmap: torch.Tensor  # (B, M)
-    groups: torch.Tensor  # (B, M)
-    thresholds: torch.Tensor  # (B, G-1)
-    grid: PatchGrid
-    seconds: float = 0.0
-    seconds_per_device: dict = field(default_factory=dict)
-
-    @property
-    def num_patches(self):
-        return int(self.groups.numel())
-
-    @property
-    def nfe_ratio(self):
-        return self.nfe_total / max(self.nfe_uniform, 1)
-
-    @property
-    def mean_patches_per_call(self):
-        """Patches per denoiser call, on average (NFE / calls): how full the batches were."""
-        return self.nfe_total / max(self.denoiser_calls, 1)
-
-    def summary(self):
-        parts = ', '.join(f'{n} {c}' for n, c in zip(self.group_names, self.patches_per_group))
-        return (f'PGS: {self.num_patches} patches ({parts}); NFE {self.nfe_total} vs {self.nfe_uniform} for uniform '
-                f'{self.uniform_steps}-step sampling = {self.nfe_ratio:.2f}x; {self.denoiser_calls} denoiser calls '
-                f'({self.mean_patches_per_call:.1f} patches each, {self.execution})')
-
-
 class _Spatial:
     """A spatial conditioning tensor (padded like y0 where the latent is below V), read patch by patch."""
 
     def __init__(self, tensor):
         self.tensor = tensor
-
-
-def _parse_groups(groups):
-    """[(tau, steps, explicit timesteps or None)] from ``{tau, steps}``, ``[tau, steps]`` or ``{timesteps: [...]}``
-    (then τ = the highest timestep + 1 and N = their count)."""
-    out = []
-    for i, g in enumerate(groups):
-        if isinstance(g, dict) and 'timesteps' in g:
-            if set(g) - {'timesteps', 'tau', 'steps'}:
-                raise ConfigError(f'groups[{i}] must be {{timesteps: [...]}}, got {g}')
-            ts = g['timesteps']
-            if not isinstance(ts, (list, tuple)) or not ts:
-                raise ConfigError(f'groups[{i}].timesteps must be a non-empty list, got {ts!r}')
-            tau, steps = max(int(t) for t in ts) + 1, len(ts)
-            if int(g.get('tau', tau)) != tau or int(g.get('steps', steps)) != steps:
-                raise ConfigError(f'groups[{i}]: tau/steps contradict its timesteps (tau = the highest + 1 = {tau}, '
-                                  f'steps = their count = {steps}); give the timesteps alone')
-            out.append((tau, steps, list(ts)))
-        elif isinstance(g, dict):
-            unknown = set(g) - {'tau', 'steps'}
-            if unknown or not {'tau', 'steps'} <= set(g):
-                raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}} or {{timesteps: [...]}}, got {g}')
-            out.append((int(g['tau']), int(g['steps']), None))
-        elif isinstance(g, (list, tuple)) and len(g) == 2:
-            out.append((int(g[0]), int(g[1]), None))
-        else:
-            raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}} or [tau, steps], got {g!r}')
-    if not out:
-        raise ConfigError('PGS needs at least one group')
-    return out
 
 
 def _lpt(loads, num_devices):
@@ -217,15 +142,10 @@ class PatchGroupSampler:
                  prediction_type=None, eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
                  uniform_steps=None, devices=None, device_groups=None, progress=False, fuse_overlaps=False,
                  execution='per_group', device_split=None, timestep_spacing='trailing'):
-        parsed = _parse_groups(groups)
-        self.groups = [(tau, n) for tau, n, _ in parsed]
         self.scheduler, prediction_type = build_scheduler(scheduler, prediction_type)
-        t_max = int(self.scheduler.config.num_train_timesteps)
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ConfigError(f'timestep_spacing must be one of {sorted(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}')
+        self.groups, self.timesteps = group_schedules(groups, timestep_spacing,
+                                                      int(self.scheduler.config.num_train_timesteps))
         self.timestep_spacing = timestep_spacing
-        self.timesteps = [explicit_timesteps(ts, t_max) if ts is not None else
-                          TIMESTEP_SPACINGS[timestep_spacing](tau, n, t_max) for tau, n, ts in parsed]
         self.calls = [calls_per_patch(self.scheduler, ts) for ts in self.timesteps]  # NFE per patch, per group
         if eta and type(self.scheduler).__name__ not in ALPHA_TABLE_SCHEDULERS:
             raise ConfigError(f'eta applies to the DDIM update; {type(self.scheduler).__name__} has its own '

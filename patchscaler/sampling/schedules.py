@@ -84,6 +84,47 @@ def explicit_timesteps(timesteps, num_train_timesteps=1000):
     return sorted(ts, reverse=True)
 
 
+def _parse_groups(groups):
+    """[(tau, steps, explicit timesteps or None)] from ``{tau, steps}``, ``[tau, steps]`` or ``{timesteps: [...]}``
+    (then τ = the highest timestep + 1 and N = their count)."""
+    out = []
+    for i, g in enumerate(groups):
+        if isinstance(g, dict) and 'timesteps' in g:
+            if set(g) - {'timesteps', 'tau', 'steps'}:
+                raise ConfigError(f'groups[{i}] must be {{timesteps: [...]}}, got {g}')
+            ts = g['timesteps']
+            if not isinstance(ts, (list, tuple)) or not ts:
+                raise ConfigError(f'groups[{i}].timesteps must be a non-empty list, got {ts!r}')
+            tau, steps = max(int(t) for t in ts) + 1, len(ts)
+            if int(g.get('tau', tau)) != tau or int(g.get('steps', steps)) != steps:
+                raise ConfigError(f'groups[{i}]: tau/steps contradict its timesteps (tau = the highest + 1 = {tau}, '
+                                  f'steps = their count = {steps}); give the timesteps alone')
+            out.append((tau, steps, list(ts)))
+        elif isinstance(g, dict):
+            unknown = set(g) - {'tau', 'steps'}
+            if unknown or not {'tau', 'steps'} <= set(g):
+                raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}} or {{timesteps: [...]}}, got {g}')
+            out.append((int(g['tau']), int(g['steps']), None))
+        elif isinstance(g, (list, tuple)) and len(g) == 2:
+            out.append((int(g[0]), int(g[1]), None))
+        else:
+            raise ConfigError(f'groups[{i}] must be {{tau: ..., steps: ...}} or [tau, steps], got {g!r}')
+    if not out:
+        raise ConfigError('PGS needs at least one group')
+    return out
+
+
+def group_schedules(groups, timestep_spacing='trailing', num_train_timesteps=1000):
+    """([(τ, N)] per group, [its timesteps, descending] per group) of the sampler's ``groups`` option: a group's own
+    ``timesteps``, else its {τ, N} spaced by ``timestep_spacing`` (:data:`TIMESTEP_SPACINGS`)."""
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ConfigError(f'timestep_spacing must be one of {sorted(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}')
+    parsed = _parse_groups(groups)
+    timesteps = [explicit_timesteps(ts, num_train_timesteps) if ts is not None else
+                 TIMESTEP_SPACINGS[timestep_spacing](tau, n, num_train_timesteps) for tau, n, ts in parsed]
+    return [(tau, n) for tau, n, _ in parsed], timesteps
+
+
 def schedules_aligned(timesteps_per_group):
     """True when every group's timesteps are the tail of the longest group's schedule (the paper's case)."""
     longest = max(timesteps_per_group, key=len)
