@@ -60,7 +60,7 @@ def build_inference_sampler(opt, denoiser, devices=None, device_split=None):
     ``device_split`` place the groups on them (:meth:`PatchGroupSampler.place`, once the pipeline has the
     devices); ``device_split`` given here (``--device-split``) replaces both. A placement without devices is an
     error here: it would place nothing."""
-    from patchscaler.models.pipeline import build_sampler_for
+    from patchscaler.models.pipeline_options import build_sampler_for
     from patchscaler.sampling.pgs import sampler_options
     section = opt.get('sampler')
     if isinstance(section, str) and not os.path.isfile(section):
@@ -87,12 +87,9 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
     from basicsr.archs import build_network
 
     from patchscaler.archs.autoencoder_arch import build_autoencoder
-    from patchscaler.models.pipeline import (
-        PatchScalerPipeline,
-        build_denoiser,
-        build_rtm_for,
-        speed_options,
-    )
+    from patchscaler.models.pipeline import PatchScalerPipeline
+    from patchscaler.models.pipeline_options import speed_options
+    from patchscaler.models.prompted_dit import build_denoiser, build_rtm_for
     from patchscaler.utils.checkpoint import load_weights
     from patchscaler.utils.options_check import check_networks
     stablesr = is_stablesr(opt)

@@ -216,7 +216,7 @@ def test_devices_and_speed_options_are_checked(trained):
         load_pipeline(dict(opt, compile=True), 'cpu', devices=['cpu', 'cpu'])
     with pytest.raises(ConfigError, match='autoencoder_autocast needs autocast'):
         load_pipeline(dict(opt, autoencoder_autocast=True), 'cpu')
-    from patchscaler.models.pipeline import speed_options
+    from patchscaler.models.pipeline_options import speed_options
     assert speed_options({'compile': True, 'pgs_devices': ['cuda:0']}) == {'compile': True, 'devices': ['cuda:0']}
     with pytest.raises(ConfigError, match='pgs_devices is an inference option'):
         speed_options({'pgs_devices': ['cuda:0'], 'is_train': False}, model=True)
@@ -346,5 +346,5 @@ def test_grm_on_latent_tiles(trained):
     assert conf.max() <= 1 and conf.min() > 0.999
     base.grm_tile_overlap = 0  # 0 is a value, not "unset"
     assert base.run_grm(torch.randn(1, 12, 64, 64))[1].shape == (1, 1, 64, 64)
-    from patchscaler.models.pipeline import speed_options
+    from patchscaler.models.pipeline_options import speed_options
     assert speed_options({'grm_tile': 32, 'grm_tile_overlap': 0}) == {'grm_tile': 32, 'grm_tile_overlap': 0}

@@ -8,7 +8,7 @@ from conftest import ROOT
 import patchscaler.archs.patch_dit_arch as dit_mod
 from patchscaler.archs.patch_dit_arch import PRESETS, PatchDiT
 from patchscaler.archs.texture_encoder_arch import TextureEncoder
-from patchscaler.models.pipeline import PromptedPatchDiT
+from patchscaler.models.prompted_dit import PromptedPatchDiT
 from patchscaler.utils.errors import ConfigError, InputError
 
 

@@ -28,7 +28,7 @@ def _dit_row(name, args, device):
     from torch.utils.flop_counter import FlopCounterMode
 
     from patchscaler.archs.texture_encoder_arch import TextureEncoder
-    from patchscaler.models.pipeline import PromptedPatchDiT
+    from patchscaler.models.prompted_dit import PromptedPatchDiT
     v, c, k = args.patch_size, args.latent_channels, args.top_k
     torch.manual_seed(0)
     net = PromptedPatchDiT(PatchDiT(c, v, 2, prompt_dim=384, **MODELS[name]),
@@ -85,7 +85,9 @@ def _paper_pipeline(args, opt):
     from basicsr.archs import build_network
 
     from patchscaler.archs.autoencoder_arch import build_autoencoder
-    from patchscaler.models.pipeline import PatchScalerPipeline, PromptedPatchDiT, build_sampler_for, speed_options
+    from patchscaler.models.pipeline import PatchScalerPipeline
+    from patchscaler.models.pipeline_options import build_sampler_for, speed_options
+    from patchscaler.models.prompted_dit import PromptedPatchDiT
     from patchscaler.retrieval import ReferenceTextureMemory
     torch.manual_seed(0)
     device = torch.device(args.device)

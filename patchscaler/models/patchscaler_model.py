@@ -43,12 +43,10 @@ from patchscaler.models.pipeline import (
     PatchScalerPipeline,
     autocast,
     autocast_dtype,
-    build_denoiser,
-    build_rtm_for,
-    build_sampler_for,
-    speed_options,
     upsample_lr,
 )
+from patchscaler.models.pipeline_options import build_sampler_for, speed_options
+from patchscaler.models.prompted_dit import build_denoiser, build_rtm_for
 from patchscaler.models.validation import (
     STAGE_SUFFIXES,
     add_detail,

@@ -10,13 +10,15 @@ Used by :class:`PatchScalerModel` for validation/testing and by ``tools/infer.py
   the conditioning it reads in ``cond_keys`` (``y0``: the coarse latent PGS starts from; ``y_lr``: the
   encoded bicubic LR) and its ``prediction_type``. Without a GRM, y0 is y_LR itself and there is no
   confidence map: the sampler must then have one group (uniform sampling, StableSR as published).
-* :class:`PromptedPatchDiT` joins Patch-DiT and the texture encoder into the one denoiser that is trained,
-  EMA-averaged and handed to PGS: ``forward(x_t, t, cond)`` with ``cond = {y0, prompt, prompt_bias}``.
+* :class:`~patchscaler.models.prompted_dit.PromptedPatchDiT` joins Patch-DiT and the texture encoder into the one
+  denoiser that is trained, EMA-averaged and handed to PGS: ``forward(x_t, t, cond)`` with
+  ``cond = {y0, prompt, prompt_bias}``.
 * The texture prompt is made in PGS's ``prepare_cond``: once per batch of patches, RTM retrieval on the
   y0 patches (Algorithm 1) then the texture encoder, reused for all of their denoising steps.
 * Large images: the autoencoder's encode and decode run in overlapping tiles when a side exceeds
   ``tile`` pixels (``tile_overlap`` blended), so memory stays bounded; PGS is patch-wise already.
-* Speed options (the GPU fast path; every one also runs on a CPU):
+* Speed options (the GPU fast path; every one also runs on a CPU; from an option file:
+  :func:`~patchscaler.models.pipeline_options.speed_options`):
 
   - ``autocast`` ('bf16' / 'fp16' / None) covers the GRM and Patch-DiT (attention is SDPA: flash or
     memory-efficient kernels on GPUs); the autoencoder stays in fp32 unless ``autoencoder_autocast``;
@@ -39,9 +41,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from patchscaler.archs.autoencoder_arch import pad_to_multiple
+from patchscaler.models.prompted_dit import make_prompt_fn
 from patchscaler.utils.color_fix import COLOR_FIXES, color_fix_kind
 from patchscaler.utils.errors import ConfigError, InputError
 from patchscaler.utils.tiling import tiled_apply
@@ -75,61 +77,6 @@ def upsample_lr(lq, scale):
     """The bicubic ×scale of the LR image the GRM starts from, clamped to [0, 1]: one definition for training,
     validation and inference, which must see the same input."""
     return F.interpolate(lq, scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
-
-
-class PromptedPatchDiT(nn.Module):
-    """Patch-DiT with its (optional) texture encoder: the denoiser PGS calls, ``forward(x_t, t, cond)``."""
-
-    def __init__(self, dit, texture_encoder=None):
-        super().__init__()
-        if texture_encoder is not None:
-            if dit.prompt_dim != texture_encoder.dim:
-                raise ConfigError(f'network_dit.prompt_dim ({dit.prompt_dim}) must equal network_texture.dim '
-                                  f'({texture_encoder.dim})')
-            if (texture_encoder.in_channels, texture_encoder.input_size) != (dit.in_channels, dit.input_size):
-                raise ConfigError(f'network_texture (in_channels, input_size) = ({texture_encoder.in_channels}, '
-                                  f'{texture_encoder.input_size}) must match network_dit\'s '
-                                  f'({dit.in_channels}, {dit.input_size})')
-        elif dit.prompt_dim:
-            raise ConfigError('network_dit has prompt_dim set but there is no network_texture; drop prompt_dim for '
-                              'the no-prompt ablation or add network_texture and rtm')
-        self.dit = dit
-        self.texture_encoder = texture_encoder
-
-    cond_keys = ('y0',)
-    prediction_type = 'sample'
-
-    @property
-    def patch_size(self):
-        return self.dit.input_size
-
-    def encode_prompt(self, priors, similarities):
-        tokens, bias = self.texture_encoder(priors, similarities)
-        return {'prompt': tokens, 'prompt_bias': bias}
-
-    def forward(self, x_t, t, cond):
-        """``cond``: ``y0`` and either the encoded prompt (``prompt``, ``prompt_bias``: PGS encodes it once per
-        patch in ``prepare_cond``) or the raw ``priors`` and ``similarities`` (training: encoded here, inside
-        the forward, so DistributedDataParallel sees the encoder's parameters used)."""
-        if 'priors' in cond and self.texture_encoder is not None:
-            cond = {**cond, **self.encode_prompt(cond['priors'], cond['similarities'])}
-        return self.dit(x_t, t, cond['y0'], cond.get('prompt'), cond.get('prompt_bias'))
-
-
-def make_prompt_fn(denoiser, rtm, top_k=None, home=None, lock=None):
-    """PGS ``prepare_cond``: retrieve the top-K priors for a batch of y0 patches and encode the prompt. With
-    group-parallel devices the batch may sit on another device than the RTM (``home``): retrieval runs at home
-    and the prompt is encoded by that device's copy of the denoiser (PGS passes it); ``lock`` serialises the
-    retrieval of the devices' threads (a faiss GPU index must not be searched concurrently)."""
-    if rtm is None or getattr(denoiser, 'texture_encoder', None) is None:
-        return None
-
-    def prepare(cond, denoiser=denoiser):
-        y0 = cond['y0']
-        with lock or contextlib.nullcontext():
-            priors, sims = rtm.query(y0 if home is None else y0.to(home), top_k)
-        return {**cond, **denoiser.encode_prompt(priors.to(y0.device), sims.to(y0.device))}
-    return prepare
 
 
 @dataclass
@@ -369,55 +316,3 @@ class PatchScalerPipeline:
             conf = confidence[..., :-(-h // d), :-(-w // d)]
         return PipelineOutput(sr=sr.clamp_(0, 1), grm=grm_img, bicubic=up, confidence=conf, report=report,
                               seconds=seconds, y_hr=y_hr if keep_latents else None, y_lr=y_lr)
-
-
-#: top-level option -> PatchScalerPipeline argument (the speed options of the module docstring)
-SPEED_OPTIONS = {'autocast': 'autocast', 'autoencoder_autocast': 'autoencoder_autocast',
-                 'channels_last': 'channels_last', 'compile': 'compile', 'pgs_devices': 'devices',
-                 'grm_tile': 'grm_tile', 'grm_tile_overlap': 'grm_tile_overlap'}
-
-
-def speed_options(opt, model=False):
-    """The pipeline's speed arguments from a parsed option file. ``model``: for PatchScalerModel / StableSRModel
-    (tools/train.py and tools/test.py), which run on one device and whose networks are the training networks:
-    ``pgs_devices`` is refused there (tools/infer.py and the benchmark take it), and so are ``compile`` and
-    ``channels_last`` in a training file (they would change the networks being trained, in place)."""
-    out = {arg: opt[key] for key, arg in SPEED_OPTIONS.items() if opt.get(key) is not None and opt[key] is not False}
-    refused = ['pgs_devices'] if model else []
-    if model and opt.get('is_train'):
-        refused += ['compile', 'channels_last']
-    for key in refused:
-        if opt.get(key) not in (None, False):
-            raise ConfigError(f'{key} is an inference option (tools/infer.py, tools/benchmark.py'
-                              f'{"" if key == "pgs_devices" else ", test files"}); remove it from this file')
-    return out
-
-
-def build_denoiser(opt):
-    """PromptedPatchDiT from ``network_dit`` (+ ``network_texture``) options, or None without ``network_dit``."""
-    from basicsr.archs import build_network
-    if not opt.get('network_dit'):
-        if opt.get('network_texture'):
-            raise ConfigError('network_texture is set but network_dit is not; the texture prompt feeds Patch-DiT')
-        return None
-    texture = build_network(dict(opt['network_texture'])) if opt.get('network_texture') else None
-    return PromptedPatchDiT(build_network(dict(opt['network_dit'])), texture)
-
-
-def build_sampler_for(opt, denoiser):
-    """``opt['sampler']`` (a dict or a YAML path), else the paper's PGS at the denoiser's V; None without either."""
-    from patchscaler.sampling import build_sampler
-    if opt.get('sampler'):
-        return build_sampler(opt['sampler'])
-    return build_sampler({'type': 'PatchGroupSampler', 'patch_size': denoiser.patch_size}) if denoiser else None
-
-
-def build_rtm_for(opt, autoencoder, denoiser, device):
-    """The RTM of ``opt['rtm']`` when the denoiser has a texture encoder (checked against its AE and V)."""
-    from patchscaler.retrieval import build_retriever
-    if denoiser is None or denoiser.texture_encoder is None:
-        return None
-    if not opt.get('rtm'):
-        raise ConfigError('network_texture needs an rtm option ({type: ReferenceTextureMemory, path: ...}); build '
-                          'one with tools/build_rtm.py, or drop network_texture and prompt_dim (no-prompt ablation)')
-    return build_retriever(opt['rtm'], autoencoder, denoiser.patch_size, device)

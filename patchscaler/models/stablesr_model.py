@@ -42,7 +42,8 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from patchscaler.archs.autoencoder_arch import build_autoencoder, pad_to_multiple
 from patchscaler.models.patchscaler_model import PatchScalerModel, random_patches
-from patchscaler.models.pipeline import PatchScalerPipeline, speed_options
+from patchscaler.models.pipeline import PatchScalerPipeline
+from patchscaler.models.pipeline_options import speed_options
 from patchscaler.sampling import build_sampler
 from patchscaler.sampling.schedules import q_sample, training_target
 from patchscaler.utils.errors import ConfigError
