@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from patchscaler.data.image_io import IMG_EXTENSIONS, read_image
+from patchscaler.data.image_io import IMG_EXTENSIONS, is_image_name, read_image, write_image
 from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import CheckpointError, ConfigError, DataError, PatchScalerError
 
@@ -153,7 +153,7 @@ def list_images(inputs):
         if os.path.isdir(item):
             for d, _, names in sorted(os.walk(item)):
                 out += [(item, os.path.relpath(os.path.join(d, n), item)) for n in sorted(names)
-                        if n.lower().endswith(IMG_EXTENSIONS)]
+                        if is_image_name(n)]
         elif os.path.isfile(item):
             out.append((os.path.dirname(item) or '.', os.path.basename(item)))
         else:
@@ -265,7 +265,6 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
     from basicsr.utils import tensor2img
     from tqdm import tqdm
 
-    from patchscaler.utils.checkpoint import atomic_write
     from patchscaler.utils.visualize import confidence_to_bgr, qmap_overlay
 
     images = list_images(inputs)
@@ -273,16 +272,7 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
         raise DataError(f'no images ({", ".join(IMG_EXTENSIONS)}) in {", ".join(inputs)}')
     summary = InferSummary()
 
-    def write(path, array):
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        ok = [False]
-
-        def save(tmp):
-            ok[0] = cv2.imwrite(tmp + '.png', array)
-            os.replace(tmp + '.png', tmp)
-        atomic_write(path, save)
-        if not ok[0]:
-            raise DataError(f'cannot write {path}')
+    write = write_image  # encoded in memory, written atomically: any file name, no partial file on Ctrl-C
 
     jobs = list(zip(images, output_names(images, out_dir, suffix)))
     rank, world = shard or (0, 1)

@@ -601,3 +601,60 @@ def test_kernel_size_ranges_follow_the_options():
     for bad in ([4, 11], [3, 23], [11, 3], 'big'):
         with pytest.raises(ConfigError, match='kernel_range'):
             RealESRGANKernels(dict(base, kernel_range=bad))
+
+
+# ---------------------------------------------------------------- writing, and file names that are not UTF-8
+NOT_UTF8 = os.fsdecode(b'caf\xe9')  # a Latin-1 name from a zip or a network share: surrogate-escaped in Python
+
+
+def test_write_image_takes_any_file_name_and_leaves_no_temporary(tmp_path):
+    """cv2.imwrite crashes the process on such a path; write_image encodes in memory and writes with open()."""
+    from patchscaler.data.image_io import read_image_raw, write_image
+    img = random_bgr(6, 5, seed=1)
+    path = os.path.join(str(tmp_path), 'sub', NOT_UTF8 + '.png')
+    write_image(path, img)
+    assert np.array_equal(read_image_raw(path), img)
+    assert np.array_equal((read_image(path) * 255).round().astype(np.uint8), img)
+    assert os.listdir(os.path.dirname(path)) == [NOT_UTF8 + '.png']  # only the file: no temporary left
+    write_image(os.path.join(str(tmp_path), 'deep16.png'), img.astype(np.uint16) * 257)
+    assert read_image_raw(os.path.join(str(tmp_path), 'deep16.png')).dtype == np.uint16
+    assert read_image_raw(os.path.join(str(tmp_path), 'missing.png')) is None
+
+
+def test_write_image_interrupted_leaves_neither_file_nor_temporary(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a write: no partial image, and no hidden temporary a later run would read."""
+    import builtins
+
+    from patchscaler.data.image_io import write_image
+    real_open = builtins.open
+
+    def interrupted(file, mode='r', *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if 'w' in mode:
+            f.write(b'\x89PNG partial')
+            f.close()
+            raise KeyboardInterrupt
+        return f
+    monkeypatch.setattr(builtins, 'open', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(str(tmp_path / 'a.png'), random_bgr(4, 4))
+    monkeypatch.undo()
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_a_bad_array_is_one_data_error(tmp_path):
+    from patchscaler.data.image_io import write_image
+    with pytest.raises(DataError, match='cannot encode'):
+        write_image(str(tmp_path / 'a.png'), np.zeros((4, 4, 7), np.uint8))
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_temporaries_are_never_inputs(tmp_path):
+    """Neither atomic_write's temporaries nor the .tmp.png an older version left on Ctrl-C is listed."""
+    from patchscaler.inference import list_images
+    write_png(tmp_path / 'a.png', random_bgr(4, 4))
+    write_png(tmp_path / '.a.png.k3j2.tmp.png', random_bgr(4, 4))
+    (tmp_path / '.b.png.x9.tmp').write_bytes(b'')
+    write_png(tmp_path / '.hidden.png', random_bgr(4, 4))  # a hidden image is still an image
+    assert [rel for _, rel in list_images([str(tmp_path)])] == ['.hidden.png', 'a.png']
+    assert ImageSource(str(tmp_path)).keys == ['.hidden.png', 'a.png']

@@ -348,3 +348,17 @@ def test_grm_on_latent_tiles(trained):
     assert base.run_grm(torch.randn(1, 12, 64, 64))[1].shape == (1, 1, 64, 64)
     from patchscaler.models.pipeline_options import speed_options
     assert speed_options({'grm_tile': 32, 'grm_tile_overlap': 0}) == {'grm_tile': 32, 'grm_tile_overlap': 0}
+
+
+def test_a_file_name_that_is_not_utf8(trained, tmp_path):
+    """caf\\xe9.png next to a plain image: both super-resolved, the output under the same (byte) name."""
+    opt_path, _ = trained
+    src = tmp_path / 'in'
+    write_png(src / 'plain.png', random_bgr(8, 8, seed=1))
+    name = os.fsdecode(b'caf\xe9')
+    with open(os.path.join(str(src), name + '.png'), 'wb') as f:
+        f.write(cv2.imencode('.png', random_bgr(8, 8, seed=2))[1].tobytes())
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '2 image(s) written' in proc.stdout
+    assert sorted(os.listdir(str(tmp_path / 'out'))) == sorted([name + '.png', 'plain.png'])

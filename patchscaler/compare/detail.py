@@ -33,6 +33,7 @@ from os import path as osp
 import cv2
 import numpy as np
 
+from patchscaler.data.image_io import write_image
 from patchscaler.metrics.detail import DetailScores
 from patchscaler.utils.errors import ConfigError, DataError
 
@@ -238,7 +239,7 @@ def write_detail(result, strips, out_dir):
     with open(osp.join(out_dir, 'detail.md'), 'w') as f:
         f.write(detail_markdown(result) + '\n')
     for name, img in strips.items():
-        cv2.imwrite(osp.join(out_dir, f'strip_{name}.png'), img)
+        write_image(osp.join(out_dir, f'strip_{name}.png'), img)
 
 
 __all__ = ['evaluate_detail', 'aggregate_detail', 'detail_markdown', 'write_detail', 'uniform_pipeline']

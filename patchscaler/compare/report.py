@@ -12,13 +12,14 @@
 import csv
 import html
 import json
-import os
 import sys
 from os import path as osp
 from urllib.parse import quote
 
 import cv2
 import numpy as np
+
+from patchscaler.data.image_io import read_image_raw, write_image
 
 HTML_STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
@@ -145,18 +146,17 @@ def write_crops(image_names, sources, folder, crop):
     """Crops of every source (label -> folder with <image>.png) per image: {image: [(label, file)]}."""
     out = {}
     for name in image_names:
-        hr = cv2.imread(sources['HR'][name]) if name in sources['HR'] else None
+        hr = read_image_raw(sources['HR'][name], cv2.IMREAD_COLOR) if name in sources['HR'] else None
         if hr is None:
             continue
         top, left, ch, cw = texture_window(hr, crop)
-        os.makedirs(osp.join(folder, 'crops', name), exist_ok=True)
         cells = []
         for label, files in sources.items():
-            img = cv2.imread(files[name]) if name in files else None
+            img = read_image_raw(files[name], cv2.IMREAD_COLOR) if name in files else None
             if img is None or img.shape[:2] != hr.shape[:2]:
                 continue
             rel = osp.join('crops', name, f'{slug(label)}.png')
-            cv2.imwrite(osp.join(folder, rel), img[top:top + ch, left:left + cw])
+            write_image(osp.join(folder, rel), img[top:top + ch, left:left + cw])
             cells.append((label, rel))
         out[name] = cells
     return out

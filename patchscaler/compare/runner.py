@@ -24,6 +24,7 @@ from os import path as osp
 
 import torch
 
+from patchscaler.data.image_io import write_image
 from patchscaler.utils.errors import ConfigError, PatchScalerError
 
 
@@ -79,7 +80,6 @@ def run_model(job):
     """``job``: name, opt (a test option file, or 'bicubic' for the reference), path (overrides), device,
     dataset (BasicSR options), scale, metrics, out, max_images, warmup, hr_out (where to write the HR images).
     Returns the record it writes to ``<out>/record.json``."""
-    import cv2
     from basicsr.data import build_dataset
     from basicsr.metrics import calculate_metric
     from basicsr.models import build_model
@@ -126,10 +126,9 @@ def run_model(job):
         sr = tensor2img([model.get_current_visuals()['result']])
         gt = tensor2img([item['gt']])
         entry = {'image': name, 'seconds': seconds, 'file': f'{name}.png'}
-        cv2.imwrite(osp.join(out, entry['file']), sr)
+        write_image(osp.join(out, entry['file']), sr)
         if job.get('hr_out'):
-            os.makedirs(job['hr_out'], exist_ok=True)
-            cv2.imwrite(osp.join(job['hr_out'], f'{name}.png'), gt)
+            write_image(osp.join(job['hr_out'], f'{name}.png'), gt)
         entry['metrics'], entry['metric_errors'] = {}, {}
         for m, mo in (job.get('metrics') or {}).items():
             if m in unavailable:
@@ -147,7 +146,7 @@ def run_model(job):
         sampler = getattr(model, 'sampler', None)
         if report is not None and sampler is not None and len(sampler.groups) > 1:
             entry['qmap_file'] = f'{name}_qmap.png'
-            cv2.imwrite(osp.join(out, entry['qmap_file']),
+            write_image(osp.join(out, entry['qmap_file']),
                         qmap_overlay(sr, report.qmap[0], report.groups[0], report.grid, sampler.group_names))
         images.append(entry)
     record = {'name': job['name'], 'status': 'ok', 'opt': job['opt'], 'device': str(device),

@@ -6,6 +6,13 @@ EXIF orientation applied. A file that does not decode raises :class:`DataError` 
 
 :class:`ImageSource` lists and reads images from a folder (recursively, image extensions only, optionally
 restricted by a meta_info file) or from a BasicSR LMDB (keys from its ``meta_info.txt``).
+
+:func:`write_image` is the one way the project writes an image file: encoded in memory (``cv2.imencode``) and
+written with Python's own file API through a temporary file that is renamed into place
+(:func:`~patchscaler.utils.checkpoint.atomic_write`). ``cv2.imwrite``/``cv2.imread`` take the path themselves and
+crash (a segmentation fault) or fail on a name that is not valid UTF-8 (``caf\xe9.png`` from a zip or a network
+share), and ``cv2.imwrite`` leaves a partial file on Ctrl-C; :func:`write_image` and :func:`read_image_raw` take any
+path the OS allows. Temporary files (:func:`~patchscaler.utils.checkpoint.is_temporary`) are never listed as inputs.
 """
 import io
 import os
@@ -75,6 +82,47 @@ def read_image(path, with_alpha=False):
     return decode_image(buf, path, with_alpha)
 
 
+def read_image_raw(path, flags=cv2.IMREAD_UNCHANGED):
+    """The file's pixels as OpenCV decodes them (no conversion), or None if it is missing or does not decode:
+    ``cv2.imread`` for any path (it reads with Python's file API)."""
+    try:
+        with open(path, 'rb') as f:
+            buf = f.read()
+    except OSError:
+        return None
+    return cv2.imdecode(np.frombuffer(buf, np.uint8), flags) if buf else None
+
+
+def encode_image(array, ext='.png', name='<image>'):
+    """``array`` (uint8/uint16 BGR, BGRA or gray) encoded as ``ext`` -> bytes; :class:`DataError` if it cannot be."""
+    try:
+        ok, buf = cv2.imencode(ext, np.ascontiguousarray(array))
+    except cv2.error as e:
+        raise DataError(f'{name}: cannot encode as {ext} ({str(e).strip().splitlines()[-1]})') from None
+    if not ok:
+        raise DataError(f'{name}: cannot encode as {ext}')
+    return buf.tobytes()
+
+
+def write_image(path, array):
+    """Write ``array`` to ``path`` in the format its extension names (PNG without one), atomically: any path the
+    OS allows, never a partial file (see the module docstring). Folders are made as needed."""
+    from patchscaler.utils.checkpoint import atomic_write
+    path = os.fspath(path)
+    data = encode_image(array, os.path.splitext(path)[1] or '.png', path)
+
+    def save(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    atomic_write(path, save)
+
+
+def is_image_name(name):
+    """An image extension, and not one of :func:`~patchscaler.utils.checkpoint.atomic_write`'s temporaries."""
+    from patchscaler.utils.checkpoint import is_temporary
+    return name.lower().endswith(IMG_EXTENSIONS) and not is_temporary(name)
+
+
 def lmdb_key(name):
     """The LMDB key for a file name: the base name without its extension (BasicSR's rule), ASCII-safe."""
     stem = os.path.splitext(os.path.basename(name))[0]
@@ -119,7 +167,7 @@ class ImageSource:
             else:
                 self.keys = sorted(
                     os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
-                    if f.lower().endswith(IMG_EXTENSIONS))
+                    if is_image_name(f))
         if not self.keys:
             raise DataError(f'no images in {root}' + (f' (meta_info {meta_info})' if meta_info else ''))
 

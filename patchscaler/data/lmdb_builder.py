@@ -8,12 +8,11 @@ import os
 import shutil
 import tempfile
 
-import cv2
 import numpy as np
 from basicsr.utils.lmdb_util import make_lmdb_from_imgs
 from tqdm import tqdm
 
-from patchscaler.data.image_io import IMG_EXTENSIONS, lmdb_key, read_image
+from patchscaler.data.image_io import IMG_EXTENSIONS, lmdb_key, read_image, write_image
 from patchscaler.utils.errors import DataError
 
 
@@ -70,7 +69,7 @@ def build_lmdb(src_folder, lmdb_path, crop_size=None, step=None, thresh_size=0, 
                 while k in seen:
                     k += '_'
                 seen.add(k)
-                cv2.imwrite(os.path.join(tmp, f'{k}.png'), crop)
+                write_image(os.path.join(tmp, f'{k}.png'), crop)
                 names.append(f'{k}.png')
                 keys.append(k)
         if not names:

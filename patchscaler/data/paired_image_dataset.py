@@ -12,14 +12,13 @@ uint8 tensor cropped like the GT, which ``tools/evaluate_detail.py`` scores per 
 """
 import os
 
-import cv2
 import numpy as np
 import torch
 from basicsr.utils import img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
-from patchscaler.data.image_io import ImageSource
+from patchscaler.data.image_io import ImageSource, read_image_raw
 from patchscaler.utils.errors import DataError
 
 
@@ -77,7 +76,7 @@ class PairedSRDataset(data.Dataset):
 
     def _read_labels(self, name, size):
         path = os.path.join(self.labels, _stem(name) + '.png')
-        labels = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
+        labels = read_image_raw(path) if os.path.isfile(path) else None
         if labels is None or labels.ndim != 2:
             raise DataError(f'{path}: no single-channel class map for {name}')
         if labels.shape[0] < size[0] or labels.shape[1] < size[1]:

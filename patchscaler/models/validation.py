@@ -4,9 +4,10 @@ from os import path as osp
 
 import torch
 import torch.nn.functional as F
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger, tensor2img
 
 from patchscaler.archs.autoencoder_arch import pad_to_multiple
+from patchscaler.data.image_io import write_image
 from patchscaler.metrics import better
 from patchscaler.sampling.schedules import q_sample, to_x0_eps
 from patchscaler.utils.visualize import confidence_to_bgr, labelled_strip, qmap_overlay, to_numpy
@@ -193,12 +194,12 @@ def save_visuals(model, visuals, sr_img, name, dataset_name, current_iter):
     else:
         folder = osp.join(opt['path']['visualization'], dataset_name)
         stem = f'{name}_{opt["val"].get("suffix") or opt["name"]}'
-    imwrite(sr_img, osp.join(folder, f'{stem}.png'))
+    write_image(osp.join(folder, f'{stem}.png'), sr_img)
     h, w = sr_img.shape[:2]
     extra, extra_labels = [], []
     if 'confidence' in visuals:
         conf_img = confidence_to_bgr(visuals['confidence'][0].numpy(), size=(w, h))
-        imwrite(conf_img, osp.join(folder, f'{stem}_confidence.png'))
+        write_image(osp.join(folder, f'{stem}_confidence.png'), conf_img)
         extra, extra_labels = [conf_img], ['confidence C']
     tiles, labels = [tensor2img([visuals['bicubic']])], ['bicubic']
     if 'grm' in visuals:
@@ -209,8 +210,8 @@ def save_visuals(model, visuals, sr_img, name, dataset_name, current_iter):
     if 'gt' in visuals:
         tiles.append(tensor2img([visuals['gt']]))
         labels.append('HR')
-    imwrite(labelled_strip(tiles + extra, labels + extra_labels), osp.join(folder, f'{stem}_compare.png'))
+    write_image(osp.join(folder, f'{stem}_compare.png'), labelled_strip(tiles + extra, labels + extra_labels))
     if model.pgs_groups is not None:
         groups, qmap, _, grid = model.pgs_groups
-        imwrite(qmap_overlay(sr_img, qmap[0], groups[0], grid, model.sampler.group_names),
-                osp.join(folder, f'{stem}_pgs.png'))
+        write_image(osp.join(folder, f'{stem}_pgs.png'),
+                    qmap_overlay(sr_img, qmap[0], groups[0], grid, model.sampler.group_names))

@@ -51,6 +51,13 @@ def atomic_write(path, write):
         raise
 
 
+def is_temporary(name):
+    """Whether a file name is one of :func:`atomic_write`'s temporaries (``.<name>.<random>.tmp``), or one an older
+    version left with an image extension after it (``.<name>.<random>.tmp.png``): never an input."""
+    base = os.path.basename(name)
+    return base.startswith('.') and ('.tmp' in base[1:])
+
+
 def _fsync_dir(folder):
     """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
     try:
