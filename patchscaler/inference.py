@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from patchscaler.data.image_io import IMG_EXTENSIONS, is_image_name, read_image, write_image
+from patchscaler.utils.checkpoint import is_temporary
 from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import CheckpointError, ConfigError, DataError, PatchScalerError
 
@@ -146,19 +147,41 @@ def is_stablesr(opt):
     return opt.get('model_type') == 'StableSRModel' or (opt.get('network_g') or {}).get('type') == 'StableSRUNet'
 
 
-def list_images(inputs):
-    """(root, relative path) of every image under the given files/folders; other files are ignored."""
-    out = []
+def walk_inputs(inputs):
+    """([(root, relative path)] of every image under the given files/folders, [(path, why)] of every other file
+    there): files without an image extension, temporaries of an interrupted write, and anything that is not a
+    regular file (a FIFO or a device with an image name would block the read for ever)."""
+    out, skipped = [], []
+
+    def why_not(path, name):
+        if not is_image_name(name):
+            return 'a temporary file of an interrupted write' if is_temporary(name) else 'not an image file name'
+        if not os.path.isfile(path):
+            return 'not a regular file (a FIFO, socket or device)' if os.path.exists(path) else 'a broken link'
+        return None
+
     for item in inputs:
         if os.path.isdir(item):
             for d, _, names in sorted(os.walk(item)):
-                out += [(item, os.path.relpath(os.path.join(d, n), item)) for n in sorted(names)
-                        if is_image_name(n)]
+                for n in sorted(names):
+                    path = os.path.join(d, n)
+                    why = why_not(path, n)
+                    if why:
+                        skipped.append((path, why))
+                    else:
+                        out.append((item, os.path.relpath(path, item)))
+        elif os.path.exists(item) and not os.path.isfile(item):
+            raise DataError(f'input is not a regular file or folder (a FIFO, socket or device): {item}')
         elif os.path.isfile(item):
             out.append((os.path.dirname(item) or '.', os.path.basename(item)))
         else:
             raise DataError(f'input not found: {item}')
-    return out
+    return out, skipped
+
+
+def list_images(inputs):
+    """(root, relative path) of every image under the given files/folders (:func:`walk_inputs`)."""
+    return walk_inputs(inputs)[0]
 
 
 def output_names(images, out_dir, suffix=''):
@@ -198,6 +221,7 @@ def _to_file_array(img, bits):
 class InferSummary:
     written: list = field(default_factory=list)
     failures: list = field(default_factory=list)  # (path, reason)
+    skipped: list = field(default_factory=list)  # (path, why): files in the input folders that are not images
     nfe: int = 0
     nfe_uniform: int = 0
     seconds: dict = field(default_factory=dict)  # per pipeline stage, summed over images
@@ -212,6 +236,7 @@ class InferSummary:
         for rank, part in enumerate(parts):
             out.written += part.written
             out.failures += part.failures
+            out.skipped = out.skipped or part.skipped  # every rank walks the same folders
             out.failed_on.update({path: rank for path, _ in part.failures})
             out.nfe, out.nfe_uniform = out.nfe + part.nfe, out.nfe_uniform + part.nfe_uniform
             for k, v in part.seconds.items():
@@ -220,7 +245,8 @@ class InferSummary:
 
     def lines(self):
         ranks = f' by {self.ranks} processes' if self.ranks > 1 else ''
-        out = [f'{len(self.written)} image(s) written, {len(self.failures)} failed{ranks}']
+        skipped = f', {len(self.skipped)} file(s) skipped' if self.skipped else ''
+        out = [f'{len(self.written)} image(s) written, {len(self.failures)} failed{skipped}{ranks}']
         if self.nfe_uniform:
             out.append(f'PGS: {self.nfe} patch evaluations vs {self.nfe_uniform} for uniform sampling '
                        f'({100 * (1 - self.nfe / self.nfe_uniform):.0f}% saved)')
@@ -232,6 +258,7 @@ class InferSummary:
         for p, r in self.failures:
             where = f' (rank {self.failed_on[p]})' if p in self.failed_on else ''
             out.append(f'failed: {r}{where}' if r.startswith(p) else f'failed: {p}: {r}{where}')
+        out += [f'skipped: {p}: {why}' for p, why in self.skipped]
         return out
 
 
@@ -267,10 +294,10 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
 
     from patchscaler.utils.visualize import confidence_to_bgr, qmap_overlay
 
-    images = list_images(inputs)
+    images, skipped = walk_inputs(inputs)
     if not images:
         raise DataError(f'no images ({", ".join(IMG_EXTENSIONS)}) in {", ".join(inputs)}')
-    summary = InferSummary()
+    summary = InferSummary(skipped=skipped)
 
     write = write_image  # encoded in memory, written atomically: any file name, no partial file on Ctrl-C
 

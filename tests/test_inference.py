@@ -362,3 +362,27 @@ def test_a_file_name_that_is_not_utf8(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert '2 image(s) written' in proc.stdout
     assert sorted(os.listdir(str(tmp_path / 'out'))) == sorted([name + '.png', 'plain.png'])
+
+
+def test_a_fifo_with_an_image_name_is_skipped_not_waited_on(trained, tmp_path):
+    """A FIFO named like an image would block the read for ever; it is listed as skipped with why, as is every
+    other file the walk does not process, and the images are written."""
+    opt_path, _ = trained
+    src = tmp_path / 'in'
+    write_png(src / 'a.png', random_bgr(8, 8, seed=1))
+    os.mkfifo(str(src / 'pipe.png'))
+    (src / 'notes.txt').write_text('not an image')
+    write_png(src / '.a.png.x1y2.tmp.png', random_bgr(8, 8, seed=2))  # left by an interrupted older version
+    os.symlink(str(src / 'gone.png'), str(src / 'dangling.png'))
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '1 image(s) written, 0 failed, 4 file(s) skipped' in proc.stdout
+    skipped = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith('skipped:'))
+    assert len(skipped) == 4
+    assert any('pipe.png: not a regular file' in ln for ln in skipped)
+    assert any('notes.txt: not an image file name' in ln for ln in skipped)
+    assert any('.tmp.png: a temporary file of an interrupted write' in ln for ln in skipped)
+    assert any('dangling.png: a broken link' in ln for ln in skipped)
+    assert os.listdir(str(tmp_path / 'out')) == ['a.png']
+    fifo = _infer(['-i', str(src / 'pipe.png'), '-o', str(tmp_path / 'out2'), '--opt', opt_path], tmp_path)
+    assert fifo.returncode != 0 and 'not a regular file' in fifo.stderr and 'Traceback' not in fifo.stderr

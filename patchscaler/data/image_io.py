@@ -167,7 +167,7 @@ class ImageSource:
             else:
                 self.keys = sorted(
                     os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
-                    if is_image_name(f))
+                    if is_image_name(f) and os.path.isfile(os.path.join(d, f)))  # no FIFO: its read blocks
         if not self.keys:
             raise DataError(f'no images in {root}' + (f' (meta_info {meta_info})' if meta_info else ''))
 
