@@ -25,6 +25,10 @@ which row it answers.
    ``experiments/pretrained_models/vgg19-dcbb9e9d.pth`` is absent: a :class:`MissingWeightsError` naming the
    file and where to put it instead (nothing is downloaded at run time).
 8. ``model_ema`` updates tensor by tensor: one fused ``torch._foreach_lerp_`` (same formula).
+9. ``resume_training`` loads each scheduler's whole state, its shape (periods, milestones, ...) included, so a
+   resumed run ignores a schedule the option file changed (raising ``total_iter`` and the periods of a finished
+   run and resuming gave a TypeError past the old periods' end): the state gives the position (iteration, base
+   learning rates), the option file the schedule (:func:`_resume_training`; the change is logged).
 """
 import os
 import sys
@@ -257,6 +261,26 @@ def _guard_vgg_download():
     vgg_arch.VGGFeatureExtractor.__init__ = __init__
 
 
+SCHEDULE_SHAPE = ('periods', 'restart_weights', 'cumulative_period', 'eta_min', 'milestones', 'gamma', 'restarts')
+
+
+def _resume_training(original):
+    def resume_training(self, resume_state):
+        shapes = [{k: getattr(s, k) for k in SCHEDULE_SHAPE if hasattr(s, k)} for s in self.schedulers]
+        original(self, resume_state)
+        for scheduler, shape in zip(self.schedulers, shapes):
+            changed = {k: v for k, v in shape.items() if getattr(scheduler, k) != v}
+            if changed:
+                from basicsr.utils import get_root_logger
+                moves = ', '.join(f'{k} {getattr(scheduler, k)} -> {v}' for k, v in changed.items()
+                                  if k != 'cumulative_period')
+                get_root_logger().info(f'resume: {type(scheduler).__name__} follows the option file, not the saved '
+                                       f'state: {moves}')
+            for k, v in shape.items():
+                setattr(scheduler, k, v)
+    return resume_training
+
+
 def apply():
     """Apply every fix once; safe to call again."""
     global _applied
@@ -279,5 +303,6 @@ def apply():
     BaseModel.save_network = master_only(_save_network)
     BaseModel.save_training_state = master_only(_save_training_state)
     BaseModel.load_network = _wrap_load_network(BaseModel.load_network)
+    BaseModel.resume_training = _resume_training(BaseModel.resume_training)
     _guard_vgg_download()
     _applied = True

@@ -1,5 +1,7 @@
 """Stage 'full' of PatchScalerModel (GRM for grm_iters, then frozen; Patch-DiT throughout), its checkpoints,
 and the inference pipeline it validates with: built from the demo YAML, shrunk to seconds."""
+import math
+
 import pytest
 import torch
 
@@ -292,3 +294,35 @@ def test_min_snr_weighting_is_the_mean_of_weighted_losses(tiny_patchscaler, tmp_
     assert losses['min_snr'] == pytest.approx(snr * losses['plain'], rel=1e-4)
     with pytest.raises(ConfigError, match='loss weighting'):
         _model(dict(opt, train=dict(opt['train'], loss_weighting='min_snr')), tmp_path / 'bad')
+
+
+def test_raising_total_iter_of_a_finished_run_and_resuming(tiny_patchscaler, tmp_path):
+    """A run trained to the end of its cosine periods, resumed with longer periods and total_iter: the option
+    file's schedule applies from the saved iteration (BasicSR restored the saved periods and failed with a
+    TypeError at the first iteration past them); periods that do not cover total_iter are refused up front."""
+    from patchscaler import compat
+    from patchscaler.utils.options_check import check_options
+    opt, _ = tiny_patchscaler
+    sched = {'type': 'CosineAnnealingRestartLR', 'periods': [3], 'restart_weights': [1], 'eta_min': 1e-6}
+    opt = dict(opt, train=dict(opt['train'], scheduler=sched, total_iter=3))
+    torch.manual_seed(0)
+    model = _model(opt, tmp_path)
+    for it in range(1, 4):
+        model.feed_data(_batch(it))
+        model.optimize_parameters(it)
+        model.update_learning_rate(it)
+    model.save(0, 3)
+    longer = dict(opt, train=dict(opt['train'], total_iter=6, scheduler=dict(sched, periods=[6])))
+    with pytest.raises(ConfigError, match=r'periods sum to 3 but total_iter is 6.*periods: \[6\]'):
+        check_options(dict(longer, train=dict(longer['train'], scheduler=sched)))
+    resume_opt = dict(longer, auto_resume=False, num_gpu=0,
+                      path=dict(opt['path'], models=str(tmp_path / 'models'),
+                                resume_state=str(tmp_path / 'states' / '3.state')))
+    state = compat.load_resume_state(resume_opt)
+    resumed = _model(resume_opt, tmp_path / 'resumed')
+    resumed.resume_training(state)
+    base = resumed.schedulers[0].base_lrs[0]
+    for it in range(4, 7):
+        resumed.update_learning_rate(it)
+        want = 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * (it - 1) / 6))  # BasicSR steps from it 2
+        assert resumed.get_current_learning_rate()[0] == pytest.approx(want, rel=1e-6)

@@ -126,11 +126,29 @@ def _check_train_section(train):
             raise ConfigError(f"train.{key}.type must be one of {sorted(OPTIMIZERS)}, got {value.get('type')!r}")
         if key == 'scheduler' and value.get('type') not in SCHEDULERS:
             raise ConfigError(f"train.scheduler.type must be one of {sorted(SCHEDULERS)}, got {value.get('type')!r}")
+        if key == 'scheduler' and value.get('type') == 'CosineAnnealingRestartLR':
+            _check_cosine_periods(value, train.get('total_iter'))
         if key.endswith('_opt'):
             if 'type' not in value:
                 raise ConfigError(f"train.{key} must have a 'type'")
             check_signature(registry_get(LOSS_REGISTRY, value['type'], f'train.{key}'),
                             {k: v for k, v in value.items() if k != 'type'}, f'train.{key}')
+
+
+def _check_cosine_periods(scheduler, total_iter):
+    """BasicSR's CosineAnnealingRestartLR has no learning rate past the sum of its periods (a TypeError at that
+    iteration, e.g. after raising total_iter of a finished run): the periods must cover total_iter."""
+    periods, weights = scheduler.get('periods'), scheduler.get('restart_weights', [1])
+    if not isinstance(periods, list) or not periods or not all(isinstance(p, int) and p > 0 for p in periods):
+        raise ConfigError(f'train.scheduler.periods must be a list of positive integers, got {periods!r}')
+    if not isinstance(weights, list) or len(weights) != len(periods):
+        raise ConfigError(f'train.scheduler.restart_weights must have one weight per period ({len(periods)}), got '
+                          f'{weights!r}')
+    if isinstance(total_iter, int) and sum(periods) < total_iter:
+        raise ConfigError(f'train.scheduler.periods sum to {sum(periods)} but total_iter is {total_iter}: the learning '
+                          f'rate is undefined after iteration {sum(periods)}; lengthen the periods (e.g. periods: '
+                          f'[{total_iter}]) or add one (periods: {periods + [total_iter - sum(periods)]}, '
+                          f'restart_weights: {weights + [weights[-1]]})')
 
 
 def _check_metrics(metrics):
