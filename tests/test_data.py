@@ -658,3 +658,31 @@ def test_temporaries_are_never_inputs(tmp_path):
     write_png(tmp_path / '.hidden.png', random_bgr(4, 4))  # a hidden image is still an image
     assert [rel for _, rel in list_images([str(tmp_path)])] == ['.hidden.png', 'a.png']
     assert ImageSource(str(tmp_path)).keys == ['.hidden.png', 'a.png']
+
+
+def _forged_png(width, height):
+    """A PNG whose header claims width x height (8-bit RGB) with almost no data: what a > 1 GP panorama or a
+    forged header looks like to the decoder."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff)
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(b'\x00' * 100)) + chunk(b'IEND', b''))
+
+
+def test_an_image_above_the_pixel_limit_is_one_data_error_and_a_skipped_pair(tmp_path):
+    """One reader, one behaviour: infer already skipped it; a validation/test set now skips the pair with the
+    reason instead of the process dying on OpenCV's assertion."""
+    with pytest.raises(DataError, match='more pixels than OpenCV decodes.*OPENCV_IO_MAX_IMAGE_PIXELS'):
+        decode_image(_forged_png(40000, 40000), 'huge.png')
+    for folder in ('lq', 'gt'):
+        (tmp_path / folder).mkdir()
+        write_png(tmp_path / folder / 'ok.png', random_bgr(8 if folder == 'lq' else 32, 8 if folder == 'lq' else 32))
+    (tmp_path / 'lq' / 'huge.png').write_bytes(_forged_png(40000, 40000))
+    write_png(tmp_path / 'gt' / 'huge.png', random_bgr(32, 32))
+    ds = PairedSRDataset({'dataroot_lq': str(tmp_path / 'lq'), 'dataroot_gt': str(tmp_path / 'gt'), 'scale': 4,
+                          'phase': 'test', 'name': 'v'})
+    items = {os.path.basename(ds[i]['lq_path']): ds[i] for i in range(len(ds))}
+    assert 'more pixels than OpenCV decodes' in items['huge.png']['error'] and 'lq' in items['ok.png']

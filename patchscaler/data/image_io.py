@@ -47,7 +47,13 @@ def decode_image(buf, name='<bytes>', with_alpha=False):
     if buf is None or len(buf) == 0:
         raise DataError(f'{name}: empty or missing image data')
     # UNCHANGED keeps 16 bit and alpha but skips EXIF orientation, which is applied below for every format
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # e.g. a header above OpenCV's pixel limit (a > 1 GP panorama, or a forged one)
+        if 'CV_IO_MAX_IMAGE_PIXELS' in str(e):
+            raise DataError(f'{name}: more pixels than OpenCV decodes (2^30 by default): split the image, or raise '
+                            f'the limit with the environment variable OPENCV_IO_MAX_IMAGE_PIXELS') from None
+        raise DataError(f'{name}: cannot decode image ({str(e).strip().splitlines()[-1]})') from None
     if img is None or img.size == 0:
         raise DataError(f'{name}: cannot decode image (corrupt, truncated or not an image)')
     orientation = _exif_orientation(buf)
@@ -90,7 +96,10 @@ def read_image_raw(path, flags=cv2.IMREAD_UNCHANGED):
             buf = f.read()
     except OSError:
         return None
-    return cv2.imdecode(np.frombuffer(buf, np.uint8), flags) if buf else None
+    try:
+        return cv2.imdecode(np.frombuffer(buf, np.uint8), flags) if buf else None
+    except cv2.error:  # above OpenCV's pixel limit, or a codec's own refusal
+        return None
 
 
 def encode_image(array, ext='.png', name='<image>'):
