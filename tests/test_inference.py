@@ -386,3 +386,37 @@ def test_a_fifo_with_an_image_name_is_skipped_not_waited_on(trained, tmp_path):
     assert os.listdir(str(tmp_path / 'out')) == ['a.png']
     fifo = _infer(['-i', str(src / 'pipe.png'), '-o', str(tmp_path / 'out2'), '--opt', opt_path], tmp_path)
     assert fifo.returncode != 0 and 'not a regular file' in fifo.stderr and 'Traceback' not in fifo.stderr
+
+
+@pytest.mark.parametrize('stage,message', [('dit', 'the denoiser (PGS output) produced NaN/inf'),
+                                           ('grm', 'the GRM produced NaN/inf')])
+def test_nan_weights_write_nothing_and_name_the_stage(trained, tmp_path, stage, message):
+    """Before: an all-black PNG, '1 image(s) written', exit 0."""
+    opt_path, run = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    ckpt = torch.load(opt['path'][f'pretrain_network_{stage}'], weights_only=True)
+    for key in ('params', 'params_ema'):
+        first = next(k for k, v in ckpt[key].items() if v.is_floating_point() and v.numel() > 1)
+        ckpt[key][first] = torch.full_like(ckpt[key][first], float('nan'))
+    bad = tmp_path / f'net_{stage}_nan.pth'
+    torch.save(ckpt, bad)
+    opt['path'][f'pretrain_network_{stage}'] = str(bad)
+    bad_opt = tmp_path / 'nan.yml'
+    bad_opt.write_text(yaml.safe_dump(opt))
+    write_png(tmp_path / 'in' / 'a.png', random_bgr(8, 8, seed=1))
+    proc = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'out'), '--opt', str(bad_opt)], tmp_path)
+    assert proc.returncode == 1 and '0 image(s) written, 1 failed' in proc.stdout
+    assert message in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'out').exists() or os.listdir(str(tmp_path / 'out')) == []
+
+
+def test_nan_input_pixels_are_told_apart_from_nan_weights(trained):
+    from patchscaler.utils.errors import InputError
+    opt_path, _ = trained
+    with open(opt_path) as f:
+        pipe = load_pipeline(yaml.safe_load(f), 'cpu')
+    lq = _lq()
+    lq[0, 1, 2, 3] = float('nan')
+    with pytest.raises(InputError, match='input image holds 1 NaN/inf pixel'):
+        pipe(lq)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from patchscaler.archs.autoencoder_arch import pad_to_multiple
 from patchscaler.models.prompted_dit import make_prompt_fn
 from patchscaler.utils.color_fix import COLOR_FIXES, color_fix_kind
-from patchscaler.utils.errors import ConfigError, InputError
+from patchscaler.utils.errors import ConfigError, InputError, NonFiniteError
 from patchscaler.utils.tiling import tiled_apply
 from patchscaler.utils.timing import _sync
 
@@ -89,6 +89,14 @@ class PipelineOutput:
     y_lr: torch.Tensor = None  # the encoded bicubic LR
     report: object = None  # PGSReport, None without a denoiser
     seconds: OrderedDict = field(default_factory=OrderedDict)
+
+
+def _check_finite(x, stage, weights):
+    """A NaN/inf from finite input is the stage's fault (its weights or its precision): one clear error naming it,
+    so that nothing black or white is written in its place."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f'{stage} produced NaN/inf from a finite input: its weights ({weights}) hold NaN/inf '
+                             f'or overflow at this precision; nothing was written for this image')
 
 
 class PatchScalerPipeline:
@@ -258,6 +266,8 @@ class PatchScalerPipeline:
         if min(lq.shape[-2:]) < self.min_input_size():
             raise InputError(f'the image is {lq.shape[-1]}×{lq.shape[-2]} px; this model needs at least '
                              f'{self.min_input_size()} px per side (×{self.scale} must give a 2×2 latent)')
+        if not torch.isfinite(lq).all():
+            raise InputError(f'the input image holds {int((~torch.isfinite(lq)).sum())} NaN/inf pixel value(s)')
         seconds, dev = OrderedDict(), self.device
         lq = lq.to(dev)
 
@@ -280,6 +290,7 @@ class PatchScalerPipeline:
             with self._autocast():
                 y_hr, confidence = timed('grm', lambda: self.run_grm(y_lr))
             y_hr, confidence = y_hr.float(), confidence.float()
+            _check_finite(y_hr, 'the GRM', 'network_grm')
         report, x_hr = None, y_hr
         if refine and self.denoiser is not None:
             given = {'y0': y_hr, 'y_lr': y_lr}
@@ -296,6 +307,7 @@ class PatchScalerPipeline:
                                                seed=seed)
             x_hr, report = timed('pgs', run_pgs)
             x_hr, cond = x_hr.float(), None
+            _check_finite(x_hr, 'the denoiser (PGS output)', 'network_dit / network_g')
         if not keep_latents:
             y_lr = None
             if not (return_grm and report is not None):
@@ -306,6 +318,7 @@ class PatchScalerPipeline:
         guide = pad_to_multiple(ref, d)[0] if cfw else None
         sr = timed('decode', lambda: self.decode(x_hr, guide)[..., :h, :w])
         x_hr = None
+        _check_finite(sr, 'the decoder', 'autoencoder')
         if fixing:
             fix = COLOR_FIXES[self.color_fix]
             sr = timed('color_fix', lambda: fix(sr, ref))

@@ -29,5 +29,10 @@ class InputError(PatchScalerError, ValueError):
     """An input tensor has the wrong shape, range or dtype, or holds NaN (e.g. a confidence map for PGS)."""
 
 
+class NonFiniteError(PatchScalerError, RuntimeError):
+    """A network produced NaN/inf from finite input: its weights (or its precision) are broken; the message names
+    the stage (GRM, denoiser, decoder), and nothing is written from it."""
+
+
 class TrainingError(PatchScalerError, RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN/inf for many steps in a row); the checkpoints are intact."""
