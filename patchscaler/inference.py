@@ -203,11 +203,6 @@ def output_names(images, out_dir, suffix=''):
     return out
 
 
-def _bit_depth(path):
-    img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    return 16 if img is not None and img.dtype == np.uint16 else 8
-
-
 def _to_file_array(img, bits):
     """float [0, 1] -> uint8/uint16, computed in ``img`` itself (a float copy of a 16000×12000 output is 2.3 GB;
     callers pass an array they own)."""
@@ -275,9 +270,9 @@ def upscale_array(pipeline, img, alpha=None, seed=0):
 
 def _upscale_file(pipeline, path, stem, seed, write):
     """Read, super-resolve and write one image in its own format; returns the PipelineOutput."""
-    img, alpha = read_image(path, with_alpha=True)
-    gray = np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
-    bits = _bit_depth(path)
+    img, alpha, stored = read_image(path, with_alpha=True, with_stored=True)  # the file is read once
+    gray = stored['channels'] == 1  # the file's channel count, not equal channels: an RGB file stays RGB
+    bits = 8 if stored['bits'] == 8 else 16  # 16-bit and float [0, 1] inputs give 16-bit PNGs
     sr, sr_alpha, out = upscale_array(pipeline, img, alpha, seed)
     arr = sr.mean(2, keepdims=True) if gray else sr
     if sr_alpha is not None:  # OpenCV writes no gray+alpha PNG: gray with alpha becomes BGRA

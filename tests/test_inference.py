@@ -298,8 +298,9 @@ def test_more_kinds_of_image_through_the_tool(trained, tmp_path):
     out = tmp_path / 'out'
     shapes = {n: cv2.imread(str(out / f'{n}.png'), cv2.IMREAD_UNCHANGED).shape
               for n in ('palette', 'exif', 'wide', 'tall', 'odd')}
-    # the palette (gray entries) and the black-and-white JPEG are gray images: they come out gray
-    assert shapes == {'palette': (36, 52), 'exif': (80, 40), 'wide': (12, 388, 3), 'tall': (244, 20, 3),
+    # the output keeps the file's channel count: a palette PNG and an RGB JPEG are colour files even when every
+    # pixel is gray (only a gray file comes out gray: test_a_folder_of_every_kind_of_image)
+    assert shapes == {'palette': (36, 52, 3), 'exif': (80, 40, 3), 'wide': (12, 388, 3), 'tall': (244, 20, 3),
                       'odd': (44, 68, 3)}
     exif_out = cv2.imread(str(out / 'exif.png'), cv2.IMREAD_UNCHANGED)
     assert exif_out[:8].mean() > 150 and exif_out[-40:].mean() < 100  # rotated as displayed: the band on top
@@ -420,3 +421,23 @@ def test_nan_input_pixels_are_told_apart_from_nan_weights(trained):
     lq[0, 1, 2, 3] = float('nan')
     with pytest.raises(InputError, match='input image holds 1 NaN/inf pixel'):
         pipe(lq)
+
+
+def test_float_images_and_rgb_files_with_equal_channels(trained, tmp_path):
+    """Float images in [0, 1] are read as they are (a 16-bit PNG out); any other float image is refused with one
+    line, never clipped; an RGB file whose channels happen to be equal stays RGB (the file's channel count)."""
+    opt_path, _ = trained
+    src = tmp_path / 'in'
+    src.mkdir()
+    gray_rgb = np.repeat(random_bgr(8, 8, seed=1)[..., :1], 3, 2)
+    write_png(src / 'equal_channels.png', gray_rgb)
+    unit = (random_bgr(8, 8, seed=2).astype(np.float32) / 255)
+    assert cv2.imwrite(str(src / 'unit_float.tiff'), unit)
+    assert cv2.imwrite(str(src / 'float255.tiff'), unit * 255)
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 1 and '2 image(s) written, 1 failed' in proc.stdout
+    assert 'float255.tiff: a float image with values in [' in proc.stderr and 'read as [0, 1]' in proc.stderr
+    equal = cv2.imread(str(tmp_path / 'out' / 'equal_channels.png'), cv2.IMREAD_UNCHANGED)
+    assert equal.shape == (32, 32, 3)
+    deep = cv2.imread(str(tmp_path / 'out' / 'unit_float.png'), cv2.IMREAD_UNCHANGED)
+    assert deep.shape == (32, 32, 3) and deep.dtype == np.uint16

@@ -2,7 +2,10 @@
 
 :func:`decode_image` turns file bytes into float32 BGR (H, W, 3) in [0, 1] (BasicSR's convention):
 gray -> 3 channels, RGBA -> alpha dropped (datasets) or returned (``with_alpha``), 16-bit -> /65535,
-EXIF orientation applied. A file that does not decode raises :class:`DataError` naming it.
+EXIF orientation applied. A float image (32/64-bit TIFF, PFM) is read as it is when its values lie in [0, 1];
+any other float image (0..255 stored as float, HDR radiance above 1, NaN) is refused with one line saying so,
+never clipped (a float TIFF of 0..255 would come out almost white). A file that does not decode raises
+:class:`DataError` naming it.
 
 :class:`ImageSource` lists and reads images from a folder (recursively, image extensions only, optionally
 restricted by a meta_info file) or from a BasicSR LMDB (keys from its ``meta_info.txt``).
@@ -42,8 +45,10 @@ def _exif_orientation(buf):
         return 1
 
 
-def decode_image(buf, name='<bytes>', with_alpha=False):
-    """Bytes -> float32 BGR (H, W, 3) in [0, 1] (and alpha (H, W) in [0, 1] or None with ``with_alpha``)."""
+def decode_image(buf, name='<bytes>', with_alpha=False, with_stored=False):
+    """Bytes -> float32 BGR (H, W, 3) in [0, 1] (and alpha (H, W) in [0, 1] or None with ``with_alpha``; and with
+    ``with_stored`` what the file stores, ``{'channels': 1 | 3, 'bits': 8 | 16 | 32}``: an RGB file whose three
+    channels happen to be equal is still 3 channels, so its output is too)."""
     if buf is None or len(buf) == 0:
         raise DataError(f'{name}: empty or missing image data')
     # UNCHANGED keeps 16 bit and alpha but skips EXIF orientation, which is applied below for every format
@@ -56,6 +61,8 @@ def decode_image(buf, name='<bytes>', with_alpha=False):
         raise DataError(f'{name}: cannot decode image ({str(e).strip().splitlines()[-1]})') from None
     if img is None or img.size == 0:
         raise DataError(f'{name}: cannot decode image (corrupt, truncated or not an image)')
+    stored = {'channels': 1 if img.ndim == 2 or img.shape[2] in (1, 2) else 3,
+              'bits': 16 if img.dtype == np.uint16 else 8 if img.dtype == np.uint8 else 32}
     orientation = _exif_orientation(buf)
     if orientation in _ORIENT:
         img = _ORIENT[orientation](img)
@@ -63,8 +70,15 @@ def decode_image(buf, name='<bytes>', with_alpha=False):
         img = img.astype(np.float32) / 255.0
     elif img.dtype == np.uint16:
         img = img.astype(np.float32) / 65535.0
-    else:
-        img = np.clip(img.astype(np.float32), 0, 1)
+    else:  # float: [0, 1] as it is; anything else has no one right reading, so it is refused, not clipped
+        img = img.astype(np.float32)
+        if not np.isfinite(img).all():
+            raise DataError(f'{name}: the float image holds NaN/inf values')
+        lo, hi = float(img.min()), float(img.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise DataError(f'{name}: a float image with values in [{lo:.4g}, {hi:.4g}]; float images are read as '
+                            f'[0, 1] (convert it to 8- or 16-bit, or scale it to [0, 1]: HDR needs tone mapping)')
+        img = np.clip(img, 0, 1)
     if img.ndim == 2:
         img = img[..., None]
     alpha = None
@@ -75,17 +89,19 @@ def decode_image(buf, name='<bytes>', with_alpha=False):
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     img = np.ascontiguousarray(img)
-    return (img, alpha) if with_alpha else img
+    out = (img, alpha) if with_alpha else (img,)
+    out += (stored,) if with_stored else ()
+    return out if len(out) > 1 else out[0]
 
 
-def read_image(path, with_alpha=False):
+def read_image(path, with_alpha=False, with_stored=False):
     """Read a file from disk with :func:`decode_image`."""
     try:
         with open(path, 'rb') as f:
             buf = f.read()
     except OSError as e:
         raise DataError(f'{path}: cannot read ({e.strerror})') from None
-    return decode_image(buf, path, with_alpha)
+    return decode_image(buf, path, with_alpha, with_stored)
 
 
 def read_image_raw(path, flags=cv2.IMREAD_UNCHANGED):
