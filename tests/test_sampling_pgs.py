@@ -536,6 +536,24 @@ def test_build_sampler_from_the_yaml_files(path):
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize('name', ['pgs_cosine.yml', 'pgs_demo.yml'])
+def test_the_cpu_demo_sampler_files(name):
+    """pgs_cosine.yml: the paper's groups and walk on the cosine schedule; pgs_demo.yml: the same groups, each
+    walk ending at t = 0 (respaced), at temperature 0.3. Both keep the paper's τ / N / γ / V."""
+    sampler = build_sampler(os.path.join(ROOT, 'options', 'samplers', name))
+    assert sampler.groups == [(400, 8), (700, 14), (1000, 20)] and (sampler.patch_size, sampler.stride) == (16, 8)
+    assert sampler.assigner.mode == 'threshold' and sampler.assigner.values == [0.95, 0.75]
+    assert sampler.scheduler.config.beta_schedule == 'squaredcos_cap_v2' and sampler.eta == 0
+    if name == 'pgs_cosine.yml':
+        assert sampler.timesteps == PAPER_TIMESTEPS and sampler.temperature == 1
+    else:
+        assert [ts[0] for ts in sampler.timesteps] == [399, 699, 999] and {ts[-1] for ts in sampler.timesteps} == {0}
+        assert [len(ts) for ts in sampler.timesteps] == [8, 14, 20] and sampler.temperature == 0.3
+    x0, y0 = latents(b=1, h=32, w=32)  # an x0 oracle is still answered exactly, whatever the temperature
+    out, _ = sampler.sample(oracle(sampler, 'sample'), y0, mixed_confidence(b=1, h=32, w=32), cond=x0)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize('opt,suggestion', [
     (dict(type='PatchGroupSampler', patch_sise=16), 'patch_size'),
     ({'sampler': dict(type='PatchGroupSampler', bach_size=4)}, 'batch_size')])
@@ -619,6 +637,68 @@ def test_eta_with_the_x0_oracle_still_returns_x0():
     sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, eta=1.0)
     out, _ = sampler.sample(oracle(sampler, 'sample'), y0, mixed_confidence(), cond=x0)
     torch.testing.assert_close(out, x0, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- 8b. temperature
+class FirstInput:
+    """Records x_t of every call at each patch's first timestep (the start y_τ of Eq. 7)."""
+    def __init__(self, fn):
+        self.fn, self.first = fn, {}
+
+    def __call__(self, x_t, t, cond):
+        self.first.setdefault(int(t[0]), []).append(x_t.clone())
+        return self.fn(x_t, t, cond)
+
+
+def test_temperature_scales_the_start_noise_of_eq7_exactly():
+    """y_τ = sqrt(ᾱ_τ)·y0 + temperature·sqrt(1 - ᾱ_τ)·ε, with the ε of temperature 1 (one group, one batch)."""
+    _, y0 = latents(b=1)
+    starts = {}
+    for temp in (1.0, 0.3, 0.0):
+        rec = FirstInput(pixel_denoiser)
+        PatchGroupSampler(patch_size=V, stride=STRIDE, groups=[(400, 8)], temperature=temp, batch_size=1000).sample(
+            rec, y0, None, cond=y0, seed=2)
+        starts[temp] = torch.cat(rec.first[399])
+    sampler = PatchGroupSampler(patch_size=V, stride=STRIDE, groups=[(400, 8)])
+    a = float(sampler.scheduler.alphas_cumprod[399])
+    grid = PatchGrid.for_shape(24, 32, V, STRIDE)
+    y0_patches = grid.gather(y0, torch.arange(grid.num_patches))
+    torch.testing.assert_close(starts[0.0], math.sqrt(a) * y0_patches, atol=1e-6, rtol=0)
+    noise_part = starts[1.0] - math.sqrt(a) * y0_patches
+    assert noise_part.std() > 0.5  # really noisy at τ = 400
+    torch.testing.assert_close(starts[0.3] - math.sqrt(a) * y0_patches, 0.3 * noise_part, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('walk', [dict(), dict(execution='per_step'), dict(fuse_overlaps=True)])
+def test_temperature_scales_the_step_noise_in_every_walk(walk):
+    """η > 0 on a per-pixel denoiser: the walk is affine in the noise, so temperature t gives
+    out(t) = out(0) + t·(out(1) - out(0)), the start and every step's noise scaled alike."""
+    _, y0 = latents()
+    conf = mixed_confidence()
+    out = {temp: PatchGroupSampler(patch_size=V, stride=STRIDE, eta=1.0, temperature=temp, **walk).sample(
+        pixel_denoiser, y0, conf, cond=y0, seed=7)[0].double() for temp in (0.0, 0.5, 1.0)}
+    assert (out[1.0] - out[0.0]).abs().max() > 1e-2
+    torch.testing.assert_close(out[0.5], out[0.0] + 0.5 * (out[1.0] - out[0.0]), atol=1e-5, rtol=0)
+
+
+def test_temperature_zero_with_eta_zero_is_deterministic_and_default_is_one():
+    _, y0 = latents()
+    conf = mixed_confidence()
+    cold = PatchGroupSampler(patch_size=V, stride=STRIDE, temperature=0)
+    a = cold.sample(pixel_denoiser, y0, conf, cond=y0, seed=1)[0]
+    b = cold.sample(pixel_denoiser, y0, conf, cond=y0, seed=2)[0]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # no noise left: the seed does not matter
+    assert PatchGroupSampler().temperature == 1.0
+    default = PatchGroupSampler(patch_size=V, stride=STRIDE).sample(pixel_denoiser, y0, conf, cond=y0, seed=1)[0]
+    one = PatchGroupSampler(patch_size=V, stride=STRIDE, temperature=1).sample(pixel_denoiser, y0, conf, cond=y0,
+                                                                               seed=1)[0]
+    assert torch.equal(default, one)
+
+
+@pytest.mark.parametrize('bad', [-0.1, float('nan'), float('inf'), '0.3', True, None])
+def test_bad_temperature_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match='temperature'):
+        PatchGroupSampler(temperature=bad)
 
 
 # ---------------------------------------------------------------- 9. the Qmap / groups picture

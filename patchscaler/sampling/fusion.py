@@ -49,14 +49,15 @@ def timelines(timesteps):
 
 
 def fused_walk(net, grid, y0, noise, timesteps, enter, scheduler, prediction_type, eta, window, sigma, seed,
-               batch_size=64, across_groups=False, device=None, on_step=None):
+               batch_size=64, across_groups=False, device=None, on_step=None, temperature=1.0):
     """The fused reverse process of the module docstring on the padded latent ``y0``/``noise`` (B, c, hp, wp) of
     ``grid`` (a :class:`PatchGrid` of the padded size). ``timesteps[g]``: group g's schedule (empty for a group
     without patches); ``enter(g)`` -> [:class:`~.stepwise.Segment`] of group g's patches with their prepared
     conditioning, called at its first timestep. ``across_groups``: the calls of a timestep take up to
     ``batch_size`` patches of any group (execution: per_step), else one call per entry batch (per_group). The
     denoiser runs on ``device`` (default: y0's). Returns [(groups, fused latent (B, c, hp, wp) in float32)] per
-    timeline: one entry holding every group when the schedules line up."""
+    timeline: one entry holding every group when the schedules line up. ``temperature`` scales the step noise
+    (η > 0) as the sampler scaled ``noise``."""
     b, c, v = y0.shape[0], y0.shape[1], grid.patch_size
     device = torch.device(device or y0.device)
     clip = clip_range(scheduler)
@@ -87,7 +88,7 @@ def fused_walk(net, grid, y0, noise, timesteps, enter, scheduler, prediction_typ
             x0, covered = blender.result(torch.float32, partial=True)
             # aligned: every stepping group's next timestep is the walk's next one
             t_prev = step.prev[step.groups[0]]
-            eps = step_noise(seed, step.t, x.shape).to(x.device) if eta else None
+            eps = step_noise(seed, step.t, x.shape, temperature).to(x.device) if eta else None
             x = torch.where(covered, ddim_step(x0, x, a_t, alpha_bar(scheduler, t_prev), 'sample', eta, eps, clip),
                             x)
             active.leave(step.leaving)

@@ -26,7 +26,9 @@ read patch by patch, so overlapping patches see the same noise at the same pixel
 depend on the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. The noise
 of stochastic DDIM steps (η > 0) is drawn the same way, one latent per timestep from (seed, t)
 (:func:`~patchscaler.sampling.schedules.step_noise`): a patch's trajectory does not depend on the batch size or
-the execution either. The per-group walk keeps the step-noise latents of all its timesteps for the call (20
+the execution either. ``temperature`` scales every one of these draws (ε of Eq. 7, the hard group's x_T, the step
+noise): below 1 the walk samples less detail and stays closer to y0 (a fidelity-realism knob, see the class
+docstring). The per-group walk keeps the step-noise latents of all its timesteps for the call (20
 latents for the paper's groups; only with η > 0). Stochastic diffusers schedulers (e.g. SDE-DPM-Solver++) draw
 from a generator seeded by (seed, group, first patch of the batch): seeded, but dependent on the batch size.
 
@@ -120,6 +122,12 @@ class PatchGroupSampler:
         prediction_type (str): what the denoiser predicts: 'sample' (x0, Patch-DiT), 'epsilon', 'v_prediction';
             default: the scheduler's own if it names one, else 'sample'.
         eta (float): DDIM η (0 = deterministic; 1 = ancestral DDPM on the chosen timesteps: StableSR's sampler).
+        temperature (float): scale of every noise draw (default 1: the model's own distribution). Below 1 the
+            start y_τ = sqrt(ᾱ_τ)·y0 + temperature·sqrt(1 - ᾱ_τ)·ε holds less noise than the model expects at τ, so
+            it turns less of it into detail: the output moves from a sample towards y0, trading detail for
+            fidelity, as SRFlow's sampling temperature and StableSR's CFW weight w do. 0 is the deterministic walk
+            from sqrt(ᾱ_τ)·y0. The paper samples at 1; the CPU demo at 0.3, chosen by measurement
+            (docs/detail_evaluation.md, "Why the demo added grain").
         batch_size (int): patches per denoiser call.
         blend (str), blend_sigma (float): patch blending window, see :mod:`patchscaler.sampling.patches`.
         seed (int): seed of ε. uniform_steps (int): the uniform sampler the report compares with
@@ -141,7 +149,7 @@ class PatchGroupSampler:
     def __init__(self, patch_size=16, stride=None, groups=PAPER_GROUPS, grouping=None, scheduler=None,
                  prediction_type=None, eta=0.0, batch_size=64, blend='gaussian', blend_sigma=0.1, seed=0,
                  uniform_steps=None, devices=None, device_groups=None, progress=False, fuse_overlaps=False,
-                 execution='per_group', device_split=None, timestep_spacing='trailing'):
+                 execution='per_group', device_split=None, timestep_spacing='trailing', temperature=1.0):
         self.scheduler, prediction_type = build_scheduler(scheduler, prediction_type)
         self.groups, self.timesteps = group_schedules(groups, timestep_spacing,
                                                       int(self.scheduler.config.num_train_timesteps))
@@ -155,6 +163,10 @@ class PatchGroupSampler:
         PatchGrid.for_shape(1, 1, patch_size, stride)  # validates V and stride now, not at the first call
         self.patch_size, self.stride = int(patch_size), stride
         self.prediction_type, self.eta = prediction_type, float(eta)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 <= temperature < float('inf'):
+            raise ConfigError(f"temperature must be a number >= 0 (1: the model's distribution), got {temperature!r}")
+        self.temperature = float(temperature)
         if int(batch_size) < 1:
             raise ConfigError(f'batch_size must be >= 1, got {batch_size}')
         self.batch_size, self.blend, self.blend_sigma = int(batch_size), blend, float(blend_sigma)
@@ -331,7 +343,7 @@ class PatchGroupSampler:
         # drawn over the padded size: a latent smaller than V gets i.i.d. noise in its padding, not a reflection
         hp, wp = grid.padded_size
         noise = torch.randn(b, y0.shape[1], hp, wp, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        noise = noise.to(y0.device, y0.dtype)
+        noise = (noise * self.temperature if self.temperature != 1 else noise).to(y0.device, y0.dtype)
         # a latent below V is padded once here, not on every batch's read: patches come from the padded grid
         padded = PatchGrid.for_shape(hp, wp, grid.patch_size, grid.stride)
         y0_src = grid.pad(y0)
@@ -386,7 +398,7 @@ class PatchGroupSampler:
         def run_batches(d, dev):
             t0, net = time.perf_counter(), nets[d]
             # η > 0: each timestep's step noise, drawn once for the whole latent and read batch by batch
-            eps = {t: step_noise(seed, t, noise.shape).to(y0.device, y0.dtype)
+            eps = {t: step_noise(seed, t, noise.shape, self.temperature).to(y0.device, y0.dtype)
                    for t in {t for g, _, _ in plan[d] for t in self.timesteps[g]}} if self.eta else {}
             for g, first, home in plan[d]:
                 c = prepared(home, dev, net)
@@ -403,14 +415,16 @@ class PatchGroupSampler:
             t0 = time.perf_counter()
             stepwise_walk(nets[0], padded, y0_src, noise, timesteps, enter,
                           lambda s: blender.add(s.idx, s.x.to(y0.device, y0.dtype)), self.scheduler,
-                          self.prediction_type, self.eta, seed, self.batch_size, devices[0], on_step)
+                          self.prediction_type, self.eta, seed, self.batch_size, devices[0], on_step,
+                          temperature=self.temperature)
             stats['seconds'][f'0:{devices[0]}'] = time.perf_counter() - t0
 
         def run_fused():
             t0 = time.perf_counter()
             for line, x in fused_walk(nets[0], padded, y0_src, noise, timesteps, enter, self.scheduler,
                                       self.prediction_type, self.eta, self.blend, self.blend_sigma, seed,
-                                      self.batch_size, self.execution == 'per_step', devices[0], on_step):
+                                      self.batch_size, self.execution == 'per_step', devices[0], on_step,
+                                      temperature=self.temperature):
                 for g in line:
                     for home in [home for gg, _, home in plan[0] if gg == g]:
                         blender.add(home, padded.gather(x, home).to(y0.dtype))

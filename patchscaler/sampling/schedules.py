@@ -262,13 +262,15 @@ def clip_range(scheduler):
     return scheduler.config.get('clip_sample_range', 1.0) if scheduler.config.get('clip_sample') else None
 
 
-def step_noise(seed, t, shape):
+def step_noise(seed, t, shape, temperature=1.0):
     """The noise of the stochastic DDIM step at timestep t (η > 0): one draw per latent pixel (``shape``, the
-    padded latent) from (seed, t) on the CPU, read patch by patch like the start noise ε. So a patch's step noise
-    depends on its pixels, the seed and t, not on which patches share its batch, the walk or the device."""
+    padded latent) from (seed, t) on the CPU, read patch by patch like the start noise ε, times the sampler's
+    ``temperature``. So a patch's step noise depends on its pixels, the seed and t, not on which patches share its
+    batch, the walk or the device."""
     # integers only: hash() of a str differs between processes
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(t)) % 2 ** 63)
-    return torch.randn(shape, generator=gen, dtype=torch.float32)
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    return noise * temperature if temperature != 1 else noise
 
 
 def ddim_step(model_output, sample, a_t, a_prev, prediction_type='sample', eta=0.0, noise=None,

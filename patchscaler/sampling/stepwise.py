@@ -173,12 +173,13 @@ def _equal(a, b):
 
 
 def stepwise_walk(net, grid, y0, noise, timesteps, enter, finish, scheduler, prediction_type='sample', eta=0.0,
-                  seed=0, batch_size=64, device=None, on_step=None):
+                  seed=0, batch_size=64, device=None, on_step=None, temperature=1.0):
     """The per-step walk of the module docstring on the padded latent ``y0`` / ``noise`` (B, c, hp, wp) of
     ``grid`` (a :class:`PatchGrid` of the padded size), the denoiser ``net`` running on ``device`` (default:
     y0's). ``timesteps[g]``: group g's schedule (empty for a group without patches). ``enter(g)`` -> [Segment]
     (x unset) of group g, called at its first timestep; ``finish(segment)`` gets each segment as its group leaves,
-    ``segment.x`` (on ``device``) its x0."""
+    ``segment.x`` (on ``device``) its x0. ``noise`` is the start noise as the sampler scaled it; ``temperature``
+    scales the step noise (η > 0) the same way."""
     device = torch.device(device or y0.device)
     clip = clip_range(scheduler)
     active = ActivePatches(batch_size)
@@ -189,7 +190,7 @@ def stepwise_walk(net, grid, y0, noise, timesteps, enter, finish, scheduler, pre
             for s in segments:  # Eq. 7
                 s.x = q_sample(grid.gather(y0, s.idx).to(device), grid.gather(noise, s.idx).to(device), a_t)
             active.enter(segments)
-        eps = step_noise(seed, step.t, noise.shape).to(noise.device, noise.dtype) if eta else None
+        eps = step_noise(seed, step.t, noise.shape, temperature).to(noise.device, noise.dtype) if eta else None
         for pieces in active.calls(step.groups):
             x = call_rows(pieces, 'x')
             out = _call(net, x, step.t, call_cond(pieces), x.dtype)
