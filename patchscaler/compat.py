@@ -29,6 +29,8 @@ which row it answers.
    resumed run ignores a schedule the option file changed (raising ``total_iter`` and the periods of a finished
    run and resuming gave a TypeError past the old periods' end): the state gives the position (iteration, base
    learning rates), the option file the schedule (:func:`_resume_training`; the change is logged).
+10. ``parse_options`` reads the option file with PyYAML's YAML 1.1 rules (a duplicate key is last-wins, ``4e-4``
+    a string): it reads it with :class:`patchscaler.utils.option_yaml.OptionLoader`, as the checks before it did.
 """
 import os
 import sys
@@ -281,6 +283,15 @@ def _resume_training(original):
     return resume_training
 
 
+def _use_option_loader(options):
+    original = options.ordered_yaml
+
+    def ordered_yaml():
+        from patchscaler.utils.option_yaml import OptionLoader
+        return OptionLoader, original()[1]
+    options.ordered_yaml = ordered_yaml
+
+
 def apply():
     """Apply every fix once; safe to call again."""
     global _applied
@@ -304,5 +315,6 @@ def apply():
     BaseModel.save_training_state = master_only(_save_training_state)
     BaseModel.load_network = _wrap_load_network(BaseModel.load_network)
     BaseModel.resume_training = _resume_training(BaseModel.resume_training)
+    _use_option_loader(basicsr.utils.options)
     _guard_vgg_download()
     _applied = True

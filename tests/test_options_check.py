@@ -1,6 +1,7 @@
 """check_options: one clear ConfigError for each kind of mistake in an option file; the CLI prints it as one line."""
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -276,3 +277,43 @@ def test_error_from_dataloader_worker_is_one_line(tmp_path):
     assert '\n' in str(info.value)  # what torch hands over
     assert one_line(info.value) == f'{tmp_path}/x.png: cannot decode image'
     assert one_line(DataError('plain message')) == 'plain message'
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('name: a\nscale: 4\nscale: 2\n', "the key 'scale' is given twice in one mapping (lines 2 and 3)"),
+    ('', 'is empty; an option file is a YAML mapping'),
+    ('- a\n- b\n', 'is a list, not a mapping of options'),
+    ('options/demo/train_patchscaler_demo.yml\n', 'is a str, not a mapping of options'),
+])
+def test_option_files_that_are_not_what_they_seem(tmp_path, text, expected):
+    from patchscaler.utils.cli import load_option_file
+    path = tmp_path / 'o.yml'
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_option_file(str(path))
+
+
+def test_a_binary_file_as_option_file_and_floats_without_a_dot(tmp_path):
+    """--opt and --ckpt swapped: one line; ``lr: 4e-4`` (no !!float) is a float, in BasicSR's own reader too."""
+    import basicsr.utils.options
+
+    from patchscaler.utils.cli import load_option_file
+    binary = tmp_path / 'net.pth'
+    binary.write_bytes(b'PK\x03\x04\x00\xff\xfe\x80 weights')
+    with pytest.raises(ConfigError, match='is not a text file'):
+        load_option_file(str(binary))
+    path = tmp_path / 'o.yml'
+    path.write_text('train:\n  lr: 4e-4\n  eta_min: -1E5\n  iters: 10\n  name: 1e\n')
+    assert load_option_file(str(path))['train'] == {'lr': 4e-4, 'eta_min': -1e5, 'iters': 10, 'name': '1e'}
+    loader = basicsr.utils.options.ordered_yaml()[0]  # what parse_options reads the file with (compat fix 10)
+    with open(path) as f:
+        assert yaml.load(f, Loader=loader)['train']['lr'] == 4e-4
+    path.write_text('a: 1\na: 2\n')
+    with open(path) as f, pytest.raises(ConfigError, match="'a' is given twice"):
+        yaml.load(f, Loader=loader)
+
+
+def test_train_help_prints_the_usage():
+    proc = subprocess.run([sys.executable, 'tools/train.py', '--help'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONWARNINGS='ignore'))
+    assert proc.returncode == 0 and '-opt' in proc.stdout and 'not found' not in proc.stdout + proc.stderr

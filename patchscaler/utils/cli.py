@@ -17,19 +17,29 @@ def _option_file_from_argv(argv):
 
 
 def load_option_file(path):
-    """Read a YAML option file with one-line errors (missing file, YAML syntax)."""
-    from basicsr.utils.options import ordered_yaml
-
+    """Read a YAML option file (:mod:`.option_yaml`: a key given twice is refused, ``4e-4`` is a float) with
+    one-line errors: a missing file, YAML syntax, a file that is not text (``--opt`` and ``--ckpt`` swapped) or
+    not a mapping (empty, a list, one string)."""
     from .errors import ConfigError
-    if not path or not os.path.isfile(path):
+    from .option_yaml import load_yaml
+    if not path:
+        raise ConfigError('no option file given (-opt <file.yml>)')
+    if not os.path.isfile(path):
         raise ConfigError(f'option file not found: {path}')
     try:
-        with open(path) as f:
-            return yaml.load(f, Loader=ordered_yaml()[0])
+        with open(path, encoding='utf-8') as f:
+            opt = load_yaml(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f'{path} is not a text file (a checkpoint or an image?); -opt takes a YAML option file') \
+            from None
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' line {mark.line + 1}' if mark else ''
         raise ConfigError(f'{path}:{where} is not valid YAML ({getattr(e, "problem", e)})') from None
+    if not isinstance(opt, dict):
+        what = 'empty' if opt is None else f'a {type(opt).__name__}, not a mapping of options'
+        raise ConfigError(f'{path} is {what}; an option file is a YAML mapping (name:, model_type:, ...)')
+    return opt
 
 
 def one_line(error):
@@ -50,6 +60,9 @@ def run_pipeline(kind, root_path):
         from basicsr.train import train_pipeline as pipeline
     else:
         from basicsr.test import test_pipeline as pipeline
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        pipeline(root_path)  # BasicSR's own argument parser prints the usage and exits
+        return
     try:
         opt = load_option_file(_option_file_from_argv(sys.argv[1:]))
         check_options(opt)
