@@ -359,7 +359,7 @@ def test_a_file_name_that_is_not_utf8(trained, tmp_path):
     name = os.fsdecode(b'caf\xe9')
     with open(os.path.join(str(src), name + '.png'), 'wb') as f:
         f.write(cv2.imencode('.png', random_bgr(8, 8, seed=2))[1].tobytes())
-    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
+    proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '-opt', opt_path], tmp_path)  # BasicSR's -opt too
     assert proc.returncode == 0, proc.stderr
     assert '2 image(s) written' in proc.stdout
     assert sorted(os.listdir(str(tmp_path / 'out'))) == sorted([name + '.png', 'plain.png'])

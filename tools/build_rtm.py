@@ -19,7 +19,7 @@ from patchscaler.utils.errors import PatchScalerError  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('-opt', required=True, help='RTM option file (options/build_rtm.yml)')
+    p.add_argument('-opt', '--opt', required=True, help='RTM option file (options/build_rtm.yml)')
     p.add_argument('--device', default=None, help="cpu, cuda, cuda:1 (default: the file's device, else auto)")
     p.add_argument('--output', default=None, help="overrides the file's output path")
     p.add_argument('--no-progress', action='store_true')

@@ -20,7 +20,7 @@ from patchscaler.utils.errors import PatchScalerError  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('-opt', required=True, help='comparison options (options/compare_x4.yml)')
+    p.add_argument('-opt', '--opt', required=True, help='comparison options (options/compare_x4.yml)')
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1 (default: the options\' device, else cuda '
                    'when available)')
     p.add_argument('--max-images', type=int, default=None, help='only the first N images')

@@ -36,7 +36,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('-i', '--input', nargs='+', required=True, help='image files and/or folders')
     p.add_argument('-o', '--output', required=True, help='output folder')
-    p.add_argument('--opt', required=True, help='test option file (networks, autoencoder, sampler, rtm, weights)')
+    p.add_argument('-opt', '--opt', required=True, help='test option file (networks, autoencoder, sampler, rtm, weights)')
     p.add_argument('--ckpt', default=None, help='a training run (experiments/NAME or its models/ folder): its '
                    'net_grm / net_dit / net_texture latest files replace the option file\'s pretrain paths')
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1 (default: cuda when available)')
