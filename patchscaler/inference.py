@@ -184,9 +184,12 @@ def list_images(inputs):
     return walk_inputs(inputs)[0]
 
 
-def output_names(images, out_dir, suffix=''):
+def output_names(images, out_dir, suffix='', extras=()):
     """``<out_dir>/<relative stem><suffix>`` per image; two inputs that would share a name (a.jpg and a.png, or
-    the same name in two input folders) keep their extension in it, and no output may replace an input."""
+    the same name in two input folders) keep their extension in it. Every file written, ``<stem>.png`` and
+    ``<stem><extra>.png`` for each of ``extras`` (``_qmap``, ``_confidence`` with --save-qmap), must be new (no
+    output replaces an input or another output, e.g. ``a``'s Qmap and the SR image of ``a_qmap.png``) and inside
+    ``out_dir`` whatever the suffix or the input names hold."""
     stems = [os.path.join(out_dir, os.path.splitext(rel)[0] + suffix) for _, rel in images]
     taken = {}
     for stem in stems:
@@ -196,10 +199,20 @@ def output_names(images, out_dir, suffix=''):
         if taken[stem] > 1:
             stem = os.path.join(out_dir, rel.replace('.', '_') + suffix)
         out.append(stem)
-    inputs = {os.path.realpath(os.path.join(root, rel)) for root, rel in images}
-    if len(set(out)) < len(out) or any(os.path.realpath(stem + '.png') in inputs for stem in out):
-        raise DataError(f'outputs in {out_dir} would overwrite inputs or each other; choose another -o folder '
-                        f'(or --suffix)')
+    root = os.path.realpath(out_dir)
+    files = [stem + extra + '.png' for stem in out for extra in ('',) + tuple(extras)]
+    outside = [f for f in files if os.path.commonpath([root, os.path.realpath(f)]) != root]
+    if outside:
+        raise DataError(f'output {outside[0]} would land outside -o {out_dir} (the suffix or an input name leaves '
+                        f'it); use a plain --suffix')
+    inputs = {os.path.realpath(os.path.join(r, rel)) for r, rel in images}
+    seen = set()
+    for f in files:
+        real = os.path.realpath(f)
+        if real in inputs or real in seen:
+            what = 'an input' if real in inputs else 'another output'
+            raise DataError(f'output {f} would overwrite {what}; choose another -o folder (or --suffix)')
+        seen.add(real)
     return out
 
 
@@ -296,7 +309,7 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
 
     write = write_image  # encoded in memory, written atomically: any file name, no partial file on Ctrl-C
 
-    jobs = list(zip(images, output_names(images, out_dir, suffix)))
+    jobs = list(zip(images, output_names(images, out_dir, suffix, ('_qmap', '_confidence') if save_qmap else ())))
     rank, world = shard or (0, 1)
     desc = f'SR (rank {rank} of {world})' if shard else 'SR'
     for (root, rel), stem in tqdm(jobs[rank::world], desc=desc, unit='img', disable=not progress):

@@ -73,7 +73,25 @@ def test_outputs_never_overwrite_inputs_or_each_other(trained, tmp_path):
     opt_path, _ = trained
     write_png(tmp_path / 'only' / 'b.png', random_bgr(8, 8))
     proc = _infer(['-i', str(tmp_path / 'only'), '-o', str(tmp_path / 'only'), '--opt', opt_path], tmp_path)
-    assert proc.returncode == 2 and 'would overwrite inputs' in proc.stderr
+    assert proc.returncode == 2 and 'would overwrite an input' in proc.stderr
+
+
+def test_qmap_outputs_and_suffixes_are_in_the_collision_and_folder_checks(tmp_path):
+    """a.png's Qmap is a_qmap.png, the SR image of an input a_qmap.png too: refused before any work, as is a
+    suffix (or name) that would put a file outside -o."""
+    from patchscaler.inference import list_images, output_names
+    from patchscaler.utils.errors import DataError
+    src = tmp_path / 'in'
+    write_png(src / 'a.png', random_bgr(8, 8))
+    write_png(src / 'a_qmap.png', random_bgr(8, 8))
+    images, out = list_images([str(src)]), str(tmp_path / 'out')
+    assert len(output_names(images, out)) == 2  # without --save-qmap the two are fine
+    with pytest.raises(DataError, match='a_qmap.png would overwrite another output'):
+        output_names(images, out, extras=('_qmap', '_confidence'))
+    for suffix in ('/../../escape', '/../../../y'):
+        with pytest.raises(DataError, match='would land outside -o'):
+            output_names(images, out, suffix=suffix)
+    assert [os.path.basename(n) for n in output_names(images, out, suffix='_x4')] == ['a_x4', 'a_qmap_x4']
 
 
 def test_ckpt_folder_replaces_the_option_paths(trained, tmp_path):
