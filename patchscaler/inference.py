@@ -350,8 +350,10 @@ def run(args_opt, inputs, out_dir, device=None, ckpt=None, save_qmap=False, colo
     several devices (group-parallel), e.g. ['cuda:0', 'cuda:1'], placed by ``device_split``
     (:data:`~patchscaler.sampling.pgs.DEVICE_SPLITS`) or the sampler's ``device_groups``. ``shard``: see
     :func:`infer_paths`."""
+    from patchscaler.utils.checkpoint import writable_folder
     from patchscaler.utils.cli import load_option_file
     opt = load_option_file(args_opt) if isinstance(args_opt, str) else args_opt
+    writable_folder(out_dir)  # a file or a read-only folder is found now, not after every image was computed
     start = time.perf_counter()
     pipeline = load_pipeline(opt, device, ckpt, color_fix, tile, progress, devices, device_split)
     summary = infer_paths(pipeline, inputs, out_dir, save_qmap, suffix, seed, progress, shard)

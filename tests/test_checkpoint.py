@@ -251,3 +251,49 @@ def test_kill_9_while_a_checkpoint_is_being_written(tmp_path):
         assert state['params']['w'].numel() == 100_000_000
     for f in glob.glob(str(tmp_path / '*')) + glob.glob(str(tmp_path / '.*.tmp')):
         os.remove(f)  # 400 MB: not kept in pytest's temporary folders
+
+
+def test_a_full_disk_is_named_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """ENOSPC (and torch.save's 'enforce fail' when the disk has no room left) is 'no space left on <folder>'."""
+    import errno
+    import shutil
+
+    from patchscaler.utils.checkpoint import atomic_write
+    from patchscaler.utils.errors import DataError
+
+    def full(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(b'part')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with pytest.raises(DataError, match=f'no space left on {tmp_path} \\(writing a.png\\)'):
+        atomic_write(str(tmp_path / 'a.png'), full)
+    assert os.listdir(str(tmp_path)) == []
+
+    def enforce_fail(tmp):
+        raise RuntimeError('[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file')
+    usage = shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage._replace(free=0))
+    with pytest.raises(DataError, match='no space left on'):
+        atomic_write(str(tmp_path / 'net.pth'), enforce_fail)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match='enforce fail'):  # a disk with room: the writer's own error
+        atomic_write(str(tmp_path / 'net.pth'), enforce_fail)
+
+
+def test_output_folders_are_checked_before_the_work(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from patchscaler.utils.checkpoint import writable_folder
+    from patchscaler.utils.errors import DataError
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(DataError, match='-o .*file is a file, not a folder'):
+        writable_folder(str(tmp_path / 'file'))
+    writable_folder(str(tmp_path / 'new' / 'deep'))
+    assert os.listdir(str(tmp_path / 'new' / 'deep')) == []  # made, and the probe removed
+
+    def read_only(*args, **kwargs):  # the tests run as root, which the mode bits do not stop
+        raise OSError(errno.EROFS, 'Read-only file system')
+    monkeypatch.setattr(tempfile, 'mkstemp', read_only)
+    with pytest.raises(DataError, match='cannot write there \\(Read-only file system\\)'):
+        writable_folder(str(tmp_path / 'new'))

@@ -459,3 +459,12 @@ def test_float_images_and_rgb_files_with_equal_channels(trained, tmp_path):
     assert equal.shape == (32, 32, 3)
     deep = cv2.imread(str(tmp_path / 'out' / 'unit_float.png'), cv2.IMREAD_UNCHANGED)
     assert deep.shape == (32, 32, 3) and deep.dtype == np.uint16
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(trained, tmp_path):
+    opt_path, _ = trained
+    write_png(tmp_path / 'in' / 'a.png', random_bgr(8, 8, seed=1))
+    (tmp_path / 'taken').write_text('a file')
+    proc = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'taken'), '--opt', opt_path], tmp_path)
+    assert proc.returncode == 2 and 'taken is a file, not a folder' in proc.stderr
+    assert 'Traceback' not in proc.stderr and 'image(s) written' not in proc.stdout

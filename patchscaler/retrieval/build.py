@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from patchscaler.registry import AUTOENCODERS
-from patchscaler.utils.checkpoint import atomic_write
+from patchscaler.utils.checkpoint import atomic_write, writable_folder
 from patchscaler.utils.device import resolve_device
 from patchscaler.utils.errors import ConfigError
 from patchscaler.utils.options_check import build_from_registry, check_keys, check_path
@@ -81,6 +81,7 @@ def build_rtm_from_options(opt, device=None, output=None, progress=True, log=pri
     check_rtm_options(opt)
     device = resolve_device(device or opt.get('device'))
     output = rtm_path(output or opt['output'])
+    writable_folder(os.path.dirname(os.path.abspath(output)), 'the RTM output folder')  # before the encoding
     start = time.perf_counter()
     autoencoder = build_from_registry(AUTOENCODERS, opt['autoencoder'], 'autoencoder').to(device)
     extractor = build_texture_classifier(opt.get('texture_classifier'), autoencoder)

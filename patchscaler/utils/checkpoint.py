@@ -1,15 +1,17 @@
 """Checkpoint files: atomic writes and loads that refuse arbitrary unpickling."""
 import collections
 import contextlib
+import errno
 import os
 import pickle
 import shlex
+import shutil
 import tempfile
 import zipfile
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 
 def _umask():
@@ -27,15 +29,47 @@ def _umask():
     return mask
 
 
+def writable_folder(folder, what='-o'):
+    """Make ``folder`` if needed and check that a file can be created in it, before any work is done: a path
+    that is a file, or a read-only folder, is one :class:`DataError` naming it (found only after every image was
+    computed before)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f'{what} {folder} is a file, not a folder')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-check.', suffix='.tmp', dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f'{what} {folder}: cannot write there ({e.strerror})') from None
+
+
+def _disk_full(error, folder):
+    """Whether a failed write failed because ``folder``'s file system is full (ENOSPC, or a writer such as
+    torch.save that reports it as an 'enforce fail' RuntimeError while the disk has no room left)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 def atomic_write(path, write):
     """``write(tmp)`` to a temporary file in the same folder as ``path``, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the old complete file or the new complete file, never a truncated
-    one; the temporary name (``.<name>.<random>.tmp``) never matches what a loader looks for.
+    one; the temporary name (``.<name>.<random>.tmp``) never matches what a loader looks for. A full disk is
+    one :class:`DataError` saying so (``no space left on <folder>``), the temporary removed.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+    except OSError as e:
+        if _disk_full(e, folder):
+            raise DataError(f'no space left on {folder} (writing {os.path.basename(path)})') from None
+        raise
     os.close(fd)
     try:
         write(tmp)
@@ -45,9 +79,11 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(folder)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if _disk_full(e, folder):
+            raise DataError(f'no space left on {folder} (writing {os.path.basename(path)})') from None
         raise
 
 
