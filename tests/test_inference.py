@@ -468,3 +468,10 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(trained, tmp_p
     proc = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'taken'), '--opt', opt_path], tmp_path)
     assert proc.returncode == 2 and 'taken is a file, not a folder' in proc.stderr
     assert 'Traceback' not in proc.stderr and 'image(s) written' not in proc.stdout
+
+
+@pytest.mark.parametrize('flag, expected', [(['--seed', str(2 ** 70)], '--seed must be in [0, 2^63)'),
+                                            (['--grm-tile', '0'], '--grm-tile must be a positive size')])
+def test_bad_flags_are_one_line_before_any_work(tmp_path, flag, expected):
+    proc = _infer(['-i', str(tmp_path), '-o', str(tmp_path / 'o'), '--opt', 'x.yml', *flag], tmp_path)
+    assert proc.returncode == 2 and expected in proc.stderr and 'Traceback' not in proc.stderr

@@ -317,3 +317,20 @@ def test_train_help_prints_the_usage():
     proc = subprocess.run([sys.executable, 'tools/train.py', '--help'], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONWARNINGS='ignore'))
     assert proc.returncode == 0 and '-opt' in proc.stdout and 'not found' not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize('edit, expected', [
+    (lambda o: o.update(scale='four'), "scale must be a positive integer (2, 4, ...), got 'four'"),
+    (lambda o: o.update(scale=0), 'scale must be a positive integer'),
+    (lambda o: o.update(scale=-4), 'scale must be a positive integer'),
+    (lambda o: o.update(scale=4.5), 'scale must be a positive integer'),
+    (lambda o: o.update(scale=True), 'scale must be a positive integer'),
+    (lambda o: o['datasets']['train'].update(batch_size_per_gpu=0), 'datasets.train.batch_size_per_gpu must be a '
+                                                                    'positive integer, got 0'),
+    (lambda o: o.update(color_fix='false'), "color_fix must be true/false"),
+    (lambda o: o.update(manual_seed=2 ** 70), 'manual_seed must be an integer in [0, 2^32)'),
+    (lambda o: o.update(sampler='options/samplers/no_such.yml'), 'sampler'),
+])
+def test_values_refused_up_front(good_opt, edit, expected):
+    edit(good_opt)
+    assert expected in _config_error(good_opt)

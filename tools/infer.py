@@ -36,7 +36,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('-i', '--input', nargs='+', required=True, help='image files and/or folders')
     p.add_argument('-o', '--output', required=True, help='output folder')
-    p.add_argument('-opt', '--opt', required=True, help='test option file (networks, autoencoder, sampler, rtm, weights)')
+    p.add_argument('-opt', '--opt', required=True,
+                   help='test option file (networks, autoencoder, sampler, rtm, weights)')
     p.add_argument('--ckpt', default=None, help='a training run (experiments/NAME or its models/ folder): its '
                    'net_grm / net_dit / net_texture latest files replace the option file\'s pretrain paths')
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1 (default: cuda when available)')
@@ -58,13 +59,17 @@ def main(argv=None):
                    'first image of each size compiles)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
+    if not 0 <= args.seed < 2 ** 63:
+        p.error(f'--seed must be in [0, 2^63), got {args.seed}')
+    if args.grm_tile is not None and args.grm_tile <= 0:
+        p.error(f'--grm-tile must be a positive size in latent pixels, got {args.grm_tile} (leave it out: no tiles)')
     enable_tf32()  # CUDA float32 matmuls in TF32 (patchscaler.utils.device)
     dist = torchrun_rank()  # (rank, world, local rank) under torchrun, else None
     try:
         opt = load_option_file(args.opt)
         if args.compile:
             opt['compile'] = True
-        if args.grm_tile:
+        if args.grm_tile is not None:
             opt['grm_tile'] = args.grm_tile
         devices = [d.strip() for d in args.devices.split(',') if d.strip()] if args.devices else None
         device = args.device

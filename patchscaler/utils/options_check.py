@@ -117,6 +117,32 @@ def _check_num_gpu(num_gpu):
         raise ConfigError(f"num_gpu is {num_gpu} but no CUDA device is available; use num_gpu: auto (0 here)")
 
 
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_values(opt):
+    """Values that BasicSR or the pipeline would only trip over mid-run (a crop size from ``scale: four``, a
+    zero division from a batch of 0, the colour fix at the first validation)."""
+    from .color_fix import color_fix_kind
+    if 'scale' in opt and not _positive_int(opt['scale']):
+        raise ConfigError(f"scale must be a positive integer (2, 4, ...), got {opt['scale']!r}")
+    if 'color_fix' in opt:
+        color_fix_kind(opt['color_fix'])  # 'false' (a string) is an error, not a fix that is still applied
+    seed = opt.get('manual_seed')
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32):
+        raise ConfigError(f'manual_seed must be an integer in [0, 2^32), got {seed!r}')
+    for phase, ds in (opt.get('datasets') or {}).items():
+        for key in ('batch_size_per_gpu', 'num_worker_per_gpu', 'dataset_enlarge_ratio'):
+            value = ds.get(key) if isinstance(ds, dict) else None
+            if value is None:
+                continue
+            ok = _positive_int(value) or (key == 'num_worker_per_gpu' and value == 0)
+            if not ok:
+                raise ConfigError(f'datasets.{phase}.{key} must be a positive integer'
+                                  f'{" (or 0)" if key == "num_worker_per_gpu" else ""}, got {value!r}')
+
+
 def _check_train_section(train):
     from basicsr.utils.registry import LOSS_REGISTRY
     for key, value in train.items():
@@ -187,6 +213,7 @@ def check_options(opt):
         if key not in opt:
             raise ConfigError(f"{opt['model_type']} needs the option '{key}'")
     _check_num_gpu(opt.get('num_gpu', 'auto'))
+    _check_values(opt)
     train_keys = getattr(model_cls, 'TRAIN_OPTION_KEYS', None)
     if train_keys is not None and opt.get('train'):
         check_keys('train.', opt['train'], train_keys)
