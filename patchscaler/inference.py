@@ -115,13 +115,14 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
             nets['dit'] = denoiser.dit
             if denoiser.texture_encoder is not None:
                 nets['texture'] = denoiser.texture_encoder
-    files = checkpoint_files(ckpt) if ckpt else {}
+    files = checkpoint_files(os.path.expanduser(ckpt)) if ckpt else {}
     path = opt.get('path') or {}
     if ckpt and set(nets) - set(files) - ({'grm'} if stablesr else set()):  # StableSR+PGS: the GRM is another run's
         raise CheckpointError(f'--ckpt {ckpt} has no net_{sorted(set(nets) - set(files))[0]}_*.pth; networks of '
                               f'different runs are not mixed')
     for name, net in nets.items():
         file = files.get(name) or path.get(f'pretrain_network_{name}')
+        file = os.path.expanduser(file) if isinstance(file, str) else file  # ~ as test.py (BasicSR) expands it
         if not file:
             raise CheckpointError(f'no weights for network_{name}: set path.pretrain_network_{name} in the option '
                                   f'file or pass --ckpt <experiments/NAME> (with net_{name}_latest.pth)')
@@ -230,6 +231,7 @@ class InferSummary:
     written: list = field(default_factory=list)
     failures: list = field(default_factory=list)  # (path, reason)
     skipped: list = field(default_factory=list)  # (path, why): files in the input folders that are not images
+    interrupted: int = 0  # images not processed because of Ctrl-C
     nfe: int = 0
     nfe_uniform: int = 0
     seconds: dict = field(default_factory=dict)  # per pipeline stage, summed over images
@@ -244,6 +246,7 @@ class InferSummary:
         for rank, part in enumerate(parts):
             out.written += part.written
             out.failures += part.failures
+            out.interrupted += part.interrupted
             out.skipped = out.skipped or part.skipped  # every rank walks the same folders
             out.failed_on.update({path: rank for path, _ in part.failures})
             out.nfe, out.nfe_uniform = out.nfe + part.nfe, out.nfe_uniform + part.nfe_uniform
@@ -267,6 +270,8 @@ class InferSummary:
             where = f' (rank {self.failed_on[p]})' if p in self.failed_on else ''
             out.append(f'failed: {r}{where}' if r.startswith(p) else f'failed: {p}: {r}{where}')
         out += [f'skipped: {p}: {why}' for p, why in self.skipped]
+        if self.interrupted:
+            out.append(f'interrupted (Ctrl-C): {self.interrupted} image(s) not processed; those written are whole')
         return out
 
 
@@ -312,7 +317,8 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
     jobs = list(zip(images, output_names(images, out_dir, suffix, ('_qmap', '_confidence') if save_qmap else ())))
     rank, world = shard or (0, 1)
     desc = f'SR (rank {rank} of {world})' if shard else 'SR'
-    for (root, rel), stem in tqdm(jobs[rank::world], desc=desc, unit='img', disable=not progress):
+    todo = jobs[rank::world]
+    for done, ((root, rel), stem) in enumerate(tqdm(todo, desc=desc, unit='img', disable=not progress)):
         path = os.path.join(root, rel)
         try:
             out = _upscale_file(pipeline, path, stem, seed, write)
@@ -321,6 +327,9 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
                 write(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
                 write(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
                                                                    size=(view.shape[1], view.shape[0])))
+        except KeyboardInterrupt:  # Ctrl-C: what was written is kept and listed (the file being written is not)
+            summary.interrupted = len(todo) - done
+            break
         except (PatchScalerError, OSError) as e:
             summary.failures.append((path, str(e).splitlines()[-1]))
             continue

@@ -475,3 +475,35 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(trained, tmp_p
 def test_bad_flags_are_one_line_before_any_work(tmp_path, flag, expected):
     proc = _infer(['-i', str(tmp_path), '-o', str(tmp_path / 'o'), '--opt', 'x.yml', *flag], tmp_path)
     assert proc.returncode == 2 and expected in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_ctrl_c_keeps_what_was_written_and_prints_the_summary(trained, tmp_path, monkeypatch):
+    from patchscaler import inference
+    opt_path, _ = trained
+    for i in range(3):
+        write_png(tmp_path / 'in' / f'{i}.png', random_bgr(8, 8, seed=i))
+    with open(opt_path) as f:
+        pipe = load_pipeline(yaml.safe_load(f), 'cpu')
+    real, calls = inference._upscale_file, []
+
+    def interrupt_second(*args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(inference, '_upscale_file', interrupt_second)
+    summary = inference.infer_paths(pipe, [str(tmp_path / 'in')], str(tmp_path / 'out'), progress=False)
+    assert summary.written == [str(tmp_path / 'out' / '0') + '.png'] and summary.interrupted == 2
+    assert 'interrupted (Ctrl-C): 2 image(s) not processed' in summary.lines()[-1]
+    assert os.listdir(str(tmp_path / 'out')) == ['0.png']
+
+
+def test_tilde_in_weight_paths_is_expanded_as_test_py_does(trained, tmp_path, monkeypatch):
+    opt_path, _ = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    monkeypatch.setenv('HOME', str(tmp_path.parent))
+    for n in ('grm', 'dit', 'texture'):
+        opt['path'][f'pretrain_network_{n}'] = opt['path'][f'pretrain_network_{n}'].replace(str(tmp_path.parent), '~')
+    assert opt['path']['pretrain_network_grm'].startswith('~/')
+    assert load_pipeline(opt, 'cpu').grm is not None

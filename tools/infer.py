@@ -6,7 +6,8 @@
 
 Folders are read recursively (image files only); the SR images keep the subfolder layout. Grayscale, RGBA
 (alpha upscaled separately) and 16-bit images come out in the same format. Files that fail are listed at
-the end and the exit status is 1; option or checkpoint problems are one ``error:`` line and status 2.
+the end and the exit status is 1; option or checkpoint problems are one ``error:`` line and status 2; Ctrl-C
+keeps what was written, prints the summary and exits with 130.
 
 Many images on several GPUs (data-parallel; each file once, on rank r the files r, r + N, ... of the sorted list,
 each rank on cuda:LOCAL_RANK, or the CPU without CUDA); rank 0 prints one summary of all ranks:
@@ -85,12 +86,17 @@ def main(argv=None):
     except PatchScalerError as e:
         print(f'error: {f"rank {dist[0]}: " if dist else ""}{one_line(e)}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the first image (loading): nothing written
+        print('interrupted (Ctrl-C) before any image was written', file=sys.stderr)
+        sys.exit(130)
     if dist:
         summary = InferSummary.merge(all_gather(summary))
         if dist[0] != 0:
             return
     for line in summary.lines():
         print(line, file=sys.stderr if line.startswith('failed:') else sys.stdout)
+    if summary.interrupted:
+        sys.exit(130)
     if summary.failures:
         sys.exit(1)
 
