@@ -139,7 +139,7 @@ def load_pipeline(opt, device=None, ckpt=None, color_fix=None, tile=None, progre
     return PatchScalerPipeline(
         autoencoder, grm, opt['scale'], denoiser, sampler, rtm,
         color_fix=opt.get('color_fix', True) if color_fix is None else color_fix,
-        tile=opt.get('tile') if tile is None else tile, tile_overlap=opt.get('tile_overlap', 64),
+        tile=opt.get('tile') if tile is None else tile, tile_overlap=opt.get('tile_overlap'),
         **dict(speed_options(opt), **({'devices': devices} if devices else {})))
 
 

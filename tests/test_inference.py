@@ -9,6 +9,7 @@ import yaml
 from conftest import ROOT, random_bgr, write_png
 
 from patchscaler.inference import checkpoint_files, load_pipeline
+from patchscaler.utils.errors import ConfigError
 
 INFER = os.path.join(ROOT, 'tools', 'infer.py')
 
@@ -507,3 +508,22 @@ def test_tilde_in_weight_paths_is_expanded_as_test_py_does(trained, tmp_path, mo
         opt['path'][f'pretrain_network_{n}'] = opt['path'][f'pretrain_network_{n}'].replace(str(tmp_path.parent), '~')
     assert opt['path']['pretrain_network_grm'].startswith('~/')
     assert load_pipeline(opt, 'cpu').grm is not None
+
+
+def test_small_tiles_get_a_fitting_overlap_and_grm_tile_names_its_bound(trained, tmp_path):
+    """--tile 8..64 failed on the default 64 px overlap the CLI could not set; the overlap now defaults to a
+    quarter of a small tile (--tile-overlap sets it); grm_tile 8 named '>= 8' where the bound was 17."""
+    opt_path, _ = trained
+    with open(opt_path) as f:
+        opt = yaml.safe_load(f)
+    pipe = load_pipeline(dict(opt, tile=16), 'cpu')
+    d = pipe.autoencoder.downscale_factor
+    assert pipe.tile == 16 and pipe.tile_overlap == 16 // 4 // d * d
+    assert load_pipeline(dict(opt, tile=512), 'cpu').tile_overlap == 64
+    assert pipe(_lq(size=12)).sr.shape[-2:] == (48, 48)
+    with pytest.raises(ConfigError, match=r'grm_tile must be at least 17 latent px .*got 8'):
+        load_pipeline(dict(opt, grm_tile=8), 'cpu')
+    write_png(tmp_path / 'in' / 'a.png', random_bgr(12, 12, seed=1))
+    proc = _infer(['-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'out'), '--opt', opt_path, '--tile', '16',
+                   '--tile-overlap', '4'], tmp_path)
+    assert proc.returncode == 0, proc.stderr

@@ -100,7 +100,7 @@ def _paper_pipeline(args, opt):
     sampler = build_sampler_for(opt, denoiser)
     sampler.batch_size = args.batch_size
     return PatchScalerPipeline(ae.to(device), grm.to(device).eval(), opt['scale'], denoiser.to(device).eval(), sampler,
-                               rtm, color_fix=True, tile=opt.get('tile'), tile_overlap=opt.get('tile_overlap', 64),
+                               rtm, color_fix=True, tile=opt.get('tile'), tile_overlap=opt.get('tile_overlap'),
                                **speed_options(opt))
 
 

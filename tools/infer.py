@@ -46,6 +46,8 @@ def main(argv=None):
                    '<name>_confidence.png')
     p.add_argument('--no-color-fix', action='store_true', help='skip the wavelet color fix against the LR')
     p.add_argument('--tile', type=int, default=None, help='autoencoder tile size in HR pixels (bounds memory)')
+    p.add_argument('--tile-overlap', type=int, default=None, help='overlap of those tiles in HR pixels (default: '
+                   '64, or a quarter of a tile below 256)')
     p.add_argument('--suffix', default='', help='appended to output names')
     p.add_argument('--seed', type=int, default=0, help='seed of the PGS start noise')
     p.add_argument('--devices', default=None, help='PGS group-parallel sampling on several devices, e.g. '
@@ -72,6 +74,8 @@ def main(argv=None):
             opt['compile'] = True
         if args.grm_tile is not None:
             opt['grm_tile'] = args.grm_tile
+        if args.tile_overlap is not None:
+            opt['tile_overlap'] = args.tile_overlap
         devices = [d.strip() for d in args.devices.split(',') if d.strip()] if args.devices else None
         device = args.device
         if dist:

@@ -119,7 +119,7 @@ class PatchScalerModel(BaseModel):
             if denoiser.texture_encoder is not None:
                 self._load_pretrained(denoiser.texture_encoder, 'texture')
         self.color_fix = opt.get('color_fix', True)
-        self.tile, self.tile_overlap = opt.get('tile'), opt.get('tile_overlap', 64)
+        self.tile, self.tile_overlap = opt.get('tile'), opt.get('tile_overlap')
         self.net_g_ema = None
         self.pipeline()  # checks sampler/V/prediction type/tile/autocast now, not at the first validation
         for ds_opt in (opt.get('datasets') or {}).values():  # class maps' classes.json now, not at iteration 1500

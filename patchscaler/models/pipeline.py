@@ -102,11 +102,12 @@ def _check_finite(x, stage, weights):
 class PatchScalerPipeline:
     """Args: autoencoder, grm (None: y0 = y_LR, uniform sampling), scale; denoiser (PromptedPatchDiT, another
     sampler-interface denoiser, or None: GRM only), sampler (PGS), rtm, top_k; color_fix (bool); tile,
-    tile_overlap (pixels of the HR image; None = never tile); the speed options of the module docstring:
+    tile_overlap (pixels of the HR image; tile None = never tile; tile_overlap None = 64 px, or a quarter of a
+    tile below 256 px); the speed options of the module docstring:
     autocast, autoencoder_autocast, channels_last, compile, devices."""
 
     def __init__(self, autoencoder, grm, scale, denoiser=None, sampler=None, rtm=None, top_k=None, color_fix=True,
-                 tile=None, tile_overlap=64, autocast=None, autoencoder_autocast=False, channels_last=False,
+                 tile=None, tile_overlap=None, autocast=None, autoencoder_autocast=False, channels_last=False,
                  compile=None, devices=None, grm_tile=None, grm_tile_overlap=16):
         if denoiser is not None and sampler is None:
             raise ConfigError('a Patch-DiT needs a sampler (PGS options) to run')
@@ -131,12 +132,15 @@ class PatchScalerPipeline:
         d = autoencoder.downscale_factor
         if tile is not None and (int(tile) < 2 * d or int(tile) % d):
             raise ConfigError(f'tile must be a multiple of the autoencoder factor {d} and at least {2 * d}, got {tile}')
+        if tile_overlap is None:  # 64 px, or a quarter of a smaller tile (a multiple of d): any valid tile works
+            tile_overlap = min(64, int(tile) // 4 // d * d) if tile is not None else 64
         if tile is not None and not 0 <= int(tile_overlap) <= int(tile) - d:
             raise ConfigError(f'tile_overlap must be in [0, tile - {d}] = [0, {int(tile) - d}], got {tile_overlap}')
         self.tile, self.tile_overlap = (int(tile) if tile else None), int(tile_overlap)
         if grm_tile is not None and not (int(grm_tile) >= 8 and 0 <= int(grm_tile_overlap) < int(grm_tile)):
-            raise ConfigError(f'grm_tile must be >= 8 latent px and above grm_tile_overlap, got {grm_tile} / '
-                              f'{grm_tile_overlap}')
+            least = max(8, int(grm_tile_overlap) + 1)
+            raise ConfigError(f'grm_tile must be at least {least} latent px (>= 8 and > grm_tile_overlap '
+                              f'{grm_tile_overlap}), got {grm_tile}')
         self.grm_tile, self.grm_tile_overlap = (int(grm_tile) if grm_tile else None), int(grm_tile_overlap)
         if autoencoder_autocast and self.autocast is None:
             raise ConfigError('autoencoder_autocast needs autocast (bf16 or fp16): it runs the autoencoder in it')

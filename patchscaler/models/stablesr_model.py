@@ -103,7 +103,7 @@ class StableSRModel(PatchScalerModel):
         self.alphas_cumprod = self.sampler.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._load_pretrained(net, 'g')
         self.color_fix = opt.get('color_fix', True)
-        self.tile, self.tile_overlap = opt.get('tile'), opt.get('tile_overlap', 64)
+        self.tile, self.tile_overlap = opt.get('tile'), opt.get('tile_overlap')
         self.net_g_ema = None
         self.method_name = 'StableSR+PGS' if self.net_grm is not None else 'StableSR'
         self.pipeline()  # checks V, prediction type, groups vs GRM, tile now
