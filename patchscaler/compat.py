@@ -31,6 +31,8 @@ which row it answers.
    learning rates), the option file the schedule (:func:`_resume_training`; the change is logged).
 10. ``parse_options`` reads the option file with PyYAML's YAML 1.1 rules (a duplicate key is last-wins, ``4e-4``
     a string): it reads it with :class:`patchscaler.utils.option_yaml.OptionLoader`, as the checks before it did.
+11. ``swinir_arch`` calls ``torch.meshgrid`` without ``indexing``, and torch warns on every run that builds a Swin
+    block (the GRM): that one warning is filtered; the default it relies on, 'ij', is what BasicSR means.
 """
 import os
 import sys
@@ -316,5 +318,8 @@ def apply():
     BaseModel.load_network = _wrap_load_network(BaseModel.load_network)
     BaseModel.resume_training = _resume_training(BaseModel.resume_training)
     _use_option_loader(basicsr.utils.options)
+    import warnings
+    warnings.filterwarnings('ignore', message=r'torch\.meshgrid: in an upcoming release, it will be required to pass '
+                            r'the indexing argument', category=UserWarning)
     _guard_vgg_download()
     _applied = True
