@@ -462,12 +462,15 @@ def test_paired_dataset_corrupt_lr_gives_error_item(paired):
     assert 'error' not in ds[0] and 'error' not in ds[2]
 
 
-def test_paired_dataset_gt_too_small(paired):
+@pytest.mark.parametrize('gt_size, scale', [((10, 10), 4), ((6 * 8, 5 * 8), 4), ((6 * 4, 5 * 4), 2)])
+def test_paired_dataset_gt_that_does_not_match_the_scale(paired, gt_size, scale):
+    """Too small, ×8 pairs read as ×4, ×4 pairs read as ×2: the pair named, never cropped and scored as valid
+    (an HR up to scale - 1 px larger than scale × LR is cropped: the fixture's pairs)."""
     lr, hr, _ = paired
-    write_png(str(hr / 'p1.png'), random_bgr(10, 10))
-    ds = PairedSRDataset(dict(dataroot_lq=str(lr), dataroot_gt=str(hr), scale=4))
-    item = ds[0]
-    assert 'smaller than scale x LR' in item['error']
+    write_png(str(hr / 'p1.png'), random_bgr(*gt_size))
+    ds = PairedSRDataset(dict(dataroot_lq=str(lr), dataroot_gt=str(hr), scale=scale))
+    assert f'pair p1.png: the GT is {gt_size[1]}x{gt_size[0]} but scale {scale} x the LR 5x6' in ds[0]['error']
+    assert ('error' in ds[1]) == (scale != 4)  # p2 is a true ×4 pair
 
 
 def test_paired_dataset_lr_without_gt(paired):

@@ -65,8 +65,11 @@ class PairedSRDataset(data.Dataset):
             if self.gt is not None:
                 gt = self.gt.read(self.gt_index[_stem(name)])
                 h, w = lq.shape[0] * self.scale, lq.shape[1] * self.scale
-                if gt.shape[0] < h or gt.shape[1] < w:
-                    raise DataError(f'GT of {name} is {gt.shape[1]}x{gt.shape[0]}, smaller than scale x LR ({w}x{h})')
+                if not (h <= gt.shape[0] < h + self.scale and w <= gt.shape[1] < w + self.scale):
+                    # an HR up to scale - 1 px larger is cropped (an LR made by flooring); anything else is another
+                    # scale or another image: scored as valid, it would be a silently wrong PSNR
+                    raise DataError(f'pair {name}: the GT is {gt.shape[1]}x{gt.shape[0]} but scale {self.scale} x the '
+                                    f'LR {lq.shape[1]}x{lq.shape[0]} is {w}x{h}: wrong scale, or not a pair')
                 item['gt'] = img2tensor([gt[:h, :w]], bgr2rgb=True, float32=True)[0]
                 if self.labels is not None:
                     item['labels'] = torch.from_numpy(self._read_labels(name, (h, w)))
