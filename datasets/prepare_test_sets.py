@@ -53,14 +53,13 @@ import shutil
 import sys
 import zlib
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), osp.pardir)))
 
 import patchscaler  # noqa: E402,F401  (before any basicsr import: applies the compat fixes)
-from patchscaler.data.image_io import IMG_EXTENSIONS, lmdb_key, read_image  # noqa: E402
+from patchscaler.data.image_io import IMG_EXTENSIONS, is_image_name, lmdb_key, read_image, write_image  # noqa: E402
 from patchscaler.data.lmdb_builder import build_lmdb  # noqa: E402
 from patchscaler.utils.errors import DataError, PatchScalerError  # noqa: E402
 
@@ -90,7 +89,8 @@ def list_images(folder, what='image folder'):
     """Image files under ``folder`` (recursive, sorted); :class:`DataError` if it is missing or has none."""
     if not osp.isdir(folder):
         raise DataError(f'{what} not found: {folder}')
-    files = sorted(osp.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+    files = sorted(osp.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                   if is_image_name(f) and osp.isfile(osp.join(d, f)))  # no FIFO (its read blocks), no temporary
     if not files:
         raise DataError(f'no images found in {folder} (extensions: {" ".join(IMG_EXTENSIONS)})')
     return files
@@ -153,8 +153,7 @@ def finish(target, names, lmdb, has_hr=True):
 
 
 def write_png(target, side, name, img):
-    if not cv2.imwrite(osp.join(target, side, f'{name}.png'), img):
-        raise DataError(f'cannot write {osp.join(target, side, name)}.png (disk full or no permission?)')
+    write_image(osp.join(target, side, f'{name}.png'), img)  # any file name (cv2.imwrite crashes on non-UTF-8)
 
 
 # ----------------------------------------------------------------------------- LSDIR-Test

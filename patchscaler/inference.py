@@ -299,13 +299,54 @@ def _upscale_file(pipeline, path, stem, seed, write):
     return out
 
 
-def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True, shard=None):
-    """Super-resolve every image of ``inputs`` into ``out_dir`` (subfolders kept); returns an InferSummary.
-    ``shard=(rank, world)``: only the images ``rank::world`` of the sorted list, named as in the whole run."""
+def _infer_one(pipeline, root, rel, stem, seed, write, save_qmap, summary, progress):
+    """One image of :func:`infer_paths`: written (and counted) or listed as failed, never raising but Ctrl-C."""
     from basicsr.utils import tensor2img
     from tqdm import tqdm
 
     from patchscaler.utils.visualize import confidence_to_bgr, qmap_overlay
+    path = os.path.join(root, rel)
+    try:
+        out = _upscale_file(pipeline, path, stem, seed, write)
+        summary.written.append(stem + '.png')  # counted as soon as it is on disk (a Ctrl-C in the Qmap keeps it)
+        if save_qmap and out.report is not None:
+            view, r = tensor2img([out.sr[0].cpu()]), out.report
+            write(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
+            write(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
+                                                               size=(view.shape[1], view.shape[0])))
+    except (PatchScalerError, OSError) as e:
+        _failed(summary, path, stem, str(e).splitlines()[-1])
+        return
+    except Exception as e:  # noqa: BLE001 - one image's failure must not lose the others' results
+        if 'out of memory' in str(e).lower():
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            reason = 'out of memory (set tile smaller, or use a smaller image)'
+        else:
+            reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
+        _failed(summary, path, stem, reason)
+        return
+    for k, v in out.seconds.items():
+        summary.seconds[k] = summary.seconds.get(k, 0.0) + v
+    if out.report is not None:
+        summary.nfe += out.report.nfe_total
+        summary.nfe_uniform += out.report.nfe_uniform
+    if progress and out.report is not None:
+        tqdm.write(f'{rel}: {out.report.summary()}')
+
+
+def _failed(summary, path, stem, reason):
+    if summary.written and summary.written[-1] == stem + '.png':  # the SR image is written, its Qmap is not
+        summary.written.pop()
+        reason = f'{reason} (the SR image {stem}.png was written)'
+    summary.failures.append((path, reason))
+
+
+def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True, shard=None):
+    """Super-resolve every image of ``inputs`` into ``out_dir`` (subfolders kept); returns an InferSummary.
+    ``shard=(rank, world)``: only the images ``rank::world`` of the sorted list, named as in the whole run."""
+    from tqdm import tqdm
+
 
     images, skipped = walk_inputs(inputs)
     if not images:
@@ -318,38 +359,13 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
     rank, world = shard or (0, 1)
     desc = f'SR (rank {rank} of {world})' if shard else 'SR'
     todo = jobs[rank::world]
-    for done, ((root, rel), stem) in enumerate(tqdm(todo, desc=desc, unit='img', disable=not progress)):
-        path = os.path.join(root, rel)
-        try:
-            out = _upscale_file(pipeline, path, stem, seed, write)
-            if save_qmap and out.report is not None:
-                view, r = tensor2img([out.sr[0].cpu()]), out.report
-                write(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
-                write(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
-                                                                   size=(view.shape[1], view.shape[0])))
-        except KeyboardInterrupt:  # Ctrl-C: what was written is kept and listed (the file being written is not)
-            summary.interrupted = len(todo) - done
-            break
-        except (PatchScalerError, OSError) as e:
-            summary.failures.append((path, str(e).splitlines()[-1]))
-            continue
-        except Exception as e:  # noqa: BLE001 - one image's failure must not lose the others' results
-            if 'out of memory' in str(e).lower():
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                reason = 'out of memory (set tile smaller, or use a smaller image)'
-            else:
-                reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
-            summary.failures.append((path, reason))
-            continue
-        summary.written.append(stem + '.png')
-        for k, v in out.seconds.items():
-            summary.seconds[k] = summary.seconds.get(k, 0.0) + v
-        if out.report is not None:
-            summary.nfe += out.report.nfe_total
-            summary.nfe_uniform += out.report.nfe_uniform
-        if progress and out.report is not None:
-            tqdm.write(f'{rel}: {out.report.summary()}')
+    done = 0
+    try:  # Ctrl-C anywhere in the loop: what was written is kept and listed (the file being written is not)
+        for (root, rel), stem in tqdm(todo, desc=desc, unit='img', disable=not progress):
+            _infer_one(pipeline, root, rel, stem, seed, write, save_qmap, summary, progress)
+            done += 1
+    except KeyboardInterrupt:
+        summary.interrupted = len(todo) - done
     return summary
 
 

@@ -289,8 +289,11 @@ def test_output_folders_are_checked_before_the_work(tmp_path, monkeypatch):
     (tmp_path / 'file').write_text('x')
     with pytest.raises(DataError, match='-o .*file is a file, not a folder'):
         writable_folder(str(tmp_path / 'file'))
-    writable_folder(str(tmp_path / 'new' / 'deep'))
-    assert os.listdir(str(tmp_path / 'new' / 'deep')) == []  # made, and the probe removed
+    with pytest.raises(DataError, match='file is a file, not a folder'):
+        writable_folder(str(tmp_path / 'file' / 'sub'))
+    (tmp_path / 'new').mkdir()
+    writable_folder(str(tmp_path / 'new' / 'deep' / 'er'))
+    assert os.listdir(str(tmp_path / 'new')) == []  # nothing made, the probe removed
 
     def read_only(*args, **kwargs):  # the tests run as root, which the mode bits do not stop
         raise OSError(errno.EROFS, 'Read-only file system')

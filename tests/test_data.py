@@ -1,4 +1,5 @@
 """Image reading, ImageSource (folder / LMDB), the LMDB builder, both datasets and the Real-ESRGAN degradation."""
+import io
 import os
 import pickle
 import random
@@ -656,8 +657,8 @@ def test_temporaries_are_never_inputs(tmp_path):
     """Neither atomic_write's temporaries nor the .tmp.png an older version left on Ctrl-C is listed."""
     from patchscaler.inference import list_images
     write_png(tmp_path / 'a.png', random_bgr(4, 4))
-    write_png(tmp_path / '.a.png.k3j2.tmp.png', random_bgr(4, 4))
-    (tmp_path / '.b.png.x9.tmp').write_bytes(b'')
+    write_png(tmp_path / '.a.png.k3j2ab_9.tmp.png', random_bgr(4, 4))
+    (tmp_path / '.b.png.x9x9x9x9.tmp').write_bytes(b'')
     write_png(tmp_path / '.hidden.png', random_bgr(4, 4))  # a hidden image is still an image
     assert [rel for _, rel in list_images([str(tmp_path)])] == ['.hidden.png', 'a.png']
     assert ImageSource(str(tmp_path)).keys == ['.hidden.png', 'a.png']
@@ -689,3 +690,14 @@ def test_an_image_above_the_pixel_limit_is_one_data_error_and_a_skipped_pair(tmp
                           'phase': 'test', 'name': 'v'})
     items = {os.path.basename(ds[i]['lq_path']): ds[i] for i in range(len(ds))}
     assert 'more pixels than OpenCV decodes' in items['huge.png']['error'] and 'lq' in items['ok.png']
+
+
+def test_gray_alpha_is_one_stored_channel_and_int32_is_refused(tmp_path):
+    la = np.stack([random_bgr(6, 6, seed=1)[..., 0], np.full((6, 6), 200, np.uint8)], 2)
+    buf = io.BytesIO()
+    Image.fromarray(la, mode='LA').save(buf, 'PNG')
+    img, alpha, stored = decode_image(buf.getvalue(), 'la.png', with_alpha=True, with_stored=True)
+    assert stored == {'channels': 1, 'bits': 8} and alpha is not None and img.shape == (6, 6, 3)
+    ok, tif = cv2.imencode('.tiff', np.arange(36, dtype=np.int32).reshape(6, 6))
+    with pytest.raises(DataError, match='int32 pixels are not read'):
+        decode_image(tif.tobytes(), 'deep.tiff')

@@ -393,7 +393,7 @@ def test_a_fifo_with_an_image_name_is_skipped_not_waited_on(trained, tmp_path):
     write_png(src / 'a.png', random_bgr(8, 8, seed=1))
     os.mkfifo(str(src / 'pipe.png'))
     (src / 'notes.txt').write_text('not an image')
-    write_png(src / '.a.png.x1y2.tmp.png', random_bgr(8, 8, seed=2))  # left by an interrupted older version
+    write_png(src / '.a.png.x1y2z3w4.tmp.png', random_bgr(8, 8, seed=2))  # left by an interrupted older version
     os.symlink(str(src / 'gone.png'), str(src / 'dangling.png'))
     proc = _infer(['-i', str(src), '-o', str(tmp_path / 'out'), '--opt', opt_path], tmp_path)
     assert proc.returncode == 0, proc.stderr

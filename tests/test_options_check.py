@@ -334,3 +334,20 @@ def test_train_help_prints_the_usage():
 def test_values_refused_up_front(good_opt, edit, expected):
     edit(good_opt)
     assert expected in _config_error(good_opt)
+
+
+def test_merge_keys_may_be_overridden_and_keys_must_be_plain(tmp_path):
+    from patchscaler.sampling import build_sampler
+    from patchscaler.utils.cli import load_option_file
+    path = tmp_path / 'o.yml'
+    path.write_text('base: &b {lr: 1e-4, beta: 0.9}\ntrain: {<<: *b, lr: 2e-4}\n')
+    assert dict(load_option_file(str(path))['train']) == {'lr': 2e-4, 'beta': 0.9}
+    path.write_text('? [1, 2]\n: 3\n')
+    with pytest.raises(ConfigError, match='a key must be a plain value'):
+        load_option_file(str(path))
+    sampler = tmp_path / 's.yml'  # sampler files are read the same way
+    sampler.write_text('sampler:\n  type: PatchGroupSampler\n  temperature: 3e-1\n  seed: 0\n  seed: 1\n')
+    with pytest.raises(ConfigError, match="'seed' is given twice"):
+        build_sampler(str(sampler))
+    sampler.write_text('sampler:\n  type: PatchGroupSampler\n  temperature: 3e-1\n')
+    assert build_sampler(str(sampler)).temperature == 0.3

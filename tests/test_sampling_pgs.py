@@ -834,3 +834,15 @@ def test_pgs_streams_patches_instead_of_holding_them(monkeypatch, h, w):
     expected = grid.blend(full.view(len(y0), grid.num_patches, *full.shape[1:]))
     assert (expected - y0).abs().max() > 0.1
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_temperature_zero_scales_the_step_noise_away_too():
+    """η > 0 at temperature 0: no noise is left anywhere, so the seed does not matter (it would if only the start
+    noise were scaled)."""
+    _, y0 = latents()
+    conf = mixed_confidence()
+    for walk in (dict(), dict(execution='per_step'), dict(fuse_overlaps=True)):
+        cold = PatchGroupSampler(patch_size=V, stride=STRIDE, eta=1.0, temperature=0, **walk)
+        a = cold.sample(pixel_denoiser, y0, conf, cond=y0, seed=1)[0]
+        b = cold.sample(pixel_denoiser, y0, conf, cond=y0, seed=2)[0]
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -45,6 +45,15 @@ def _exif_orientation(buf):
         return 1
 
 
+def _pil_mode(buf):
+    try:
+        from PIL import Image
+        with Image.open(io.BytesIO(buf)) as im:
+            return im.mode
+    except Exception:  # noqa: BLE001 - a format PIL does not read
+        return None
+
+
 def decode_image(buf, name='<bytes>', with_alpha=False, with_stored=False):
     """Bytes -> float32 BGR (H, W, 3) in [0, 1] (and alpha (H, W) in [0, 1] or None with ``with_alpha``; and with
     ``with_stored`` what the file stores, ``{'channels': 1 | 3, 'bits': 8 | 16 | 32}``: an RGB file whose three
@@ -61,7 +70,8 @@ def decode_image(buf, name='<bytes>', with_alpha=False, with_stored=False):
         raise DataError(f'{name}: cannot decode image ({str(e).strip().splitlines()[-1]})') from None
     if img is None or img.size == 0:
         raise DataError(f'{name}: cannot decode image (corrupt, truncated or not an image)')
-    stored = {'channels': 1 if img.ndim == 2 or img.shape[2] in (1, 2) else 3,
+    gray = img.ndim == 2 or img.shape[2] in (1, 2) or (img.shape[2] == 4 and _pil_mode(buf) in ('LA', 'La', 'PA'))
+    stored = {'channels': 1 if gray else 3,  # OpenCV decodes a gray+alpha PNG as BGRA: the header says gray
               'bits': 16 if img.dtype == np.uint16 else 8 if img.dtype == np.uint8 else 32}
     orientation = _exif_orientation(buf)
     if orientation in _ORIENT:
@@ -70,6 +80,9 @@ def decode_image(buf, name='<bytes>', with_alpha=False, with_stored=False):
         img = img.astype(np.float32) / 255.0
     elif img.dtype == np.uint16:
         img = img.astype(np.float32) / 65535.0
+    elif not np.issubdtype(img.dtype, np.floating):
+        raise DataError(f'{name}: {img.dtype} pixels are not read (8- or 16-bit integer, or float in [0, 1]); '
+                        f'convert the image')
     else:  # float: [0, 1] as it is; anything else has no one right reading, so it is refused, not clipped
         img = img.astype(np.float32)
         if not np.isfinite(img).all():

@@ -12,7 +12,7 @@ import numpy as np
 from basicsr.utils.lmdb_util import make_lmdb_from_imgs
 from tqdm import tqdm
 
-from patchscaler.data.image_io import IMG_EXTENSIONS, lmdb_key, read_image, write_image
+from patchscaler.data.image_io import is_image_name, lmdb_key, read_image, write_image
 from patchscaler.utils.errors import DataError
 
 
@@ -51,7 +51,7 @@ def build_lmdb(src_folder, lmdb_path, crop_size=None, step=None, thresh_size=0, 
         if not os.path.isdir(src_folder):
             raise DataError(f'image folder not found: {src_folder}')
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src_folder) for f in fs
-                       if f.lower().endswith(IMG_EXTENSIONS))
+                       if is_image_name(f) and os.path.isfile(os.path.join(d, f)))  # no FIFO, no temporary
         images = []
         for path in tqdm(files, desc='reading', unit='img'):
             try:

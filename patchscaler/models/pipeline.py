@@ -138,6 +138,8 @@ class PatchScalerPipeline:
             raise ConfigError(f'tile_overlap must be in [0, tile - {d}] = [0, {int(tile) - d}], got {tile_overlap}')
         self.tile, self.tile_overlap = (int(tile) if tile else None), int(tile_overlap)
         if grm_tile is not None and not (int(grm_tile) >= 8 and 0 <= int(grm_tile_overlap) < int(grm_tile)):
+            if int(grm_tile_overlap) < 0:
+                raise ConfigError(f'grm_tile_overlap must be >= 0 latent px, got {grm_tile_overlap}')
             least = max(8, int(grm_tile_overlap) + 1)
             raise ConfigError(f'grm_tile must be at least {least} latent px (>= 8 and > grm_tile_overlap '
                               f'{grm_tile_overlap}), got {grm_tile}')
@@ -289,6 +291,7 @@ class PatchScalerPipeline:
         y_lr = timed('encode', lambda: self.encode(pad_to_multiple(up, d)[0]))
         if not keep_latents:
             up = None  # made again from lq for the colour fix: one image-sized tensor less through GRM and PGS
+        _check_finite(y_lr, 'the encoder', 'autoencoder')
         y_hr, confidence = y_lr, None
         if self.grm is not None:
             with self._autocast():

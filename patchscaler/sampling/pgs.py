@@ -21,16 +21,17 @@ latent as they come (:class:`PatchBlender`): the per-group walk holds y0, its no
 never the full set of patches (4× the latent at stride V/2), so its memory grows with the image, not with the
 overlap (``execution: per_step`` holds more, see Execution).
 
-Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then
-read patch by patch, so overlapping patches see the same noise at the same pixel, a patch's start does not
-depend on the batch size, the grouping or the devices, and a seed gives the same start on CPU and GPU. The noise
-of stochastic DDIM steps (η > 0) is drawn the same way, one latent per timestep from (seed, t)
-(:func:`~patchscaler.sampling.schedules.step_noise`): a patch's trajectory does not depend on the batch size or
-the execution either. ``temperature`` scales every one of these draws (ε of Eq. 7, the hard group's x_T, the step
-noise): below 1 the walk samples less detail and stays closer to y0 (a fidelity-realism knob, see the class
-docstring). The per-group walk keeps the step-noise latents of all its timesteps for the call (20
-latents for the paper's groups; only with η > 0). Stochastic diffusers schedulers (e.g. SDE-DPM-Solver++) draw
-from a generator seeded by (seed, group, first patch of the batch): seeded, but dependent on the batch size.
+Randomness. ε of Eq. 7 is drawn once for the whole latent (B, c, h, w) from ``seed`` on the CPU and then read patch
+by patch, so overlapping patches see the same noise at the same pixel, a patch's start does not depend on the batch
+size, the grouping or the devices, and a seed gives the same start on CPU and GPU. The noise of stochastic DDIM
+steps (η > 0) is drawn the same way, one latent per timestep from (seed, t)
+(:func:`~patchscaler.sampling.schedules.step_noise`): a patch's trajectory does not depend on the batch size or the
+execution either. ``temperature`` scales every one of these draws (ε of Eq. 7, the hard group's x_T, the DDIM step
+noise; not the noise a stochastic diffusers scheduler draws itself): below 1 the walk samples less detail and stays
+closer to y0 (a fidelity-realism knob, see the class docstring). The per-group walk keeps the step-noise latents of
+all its timesteps for the call (20 latents for the paper's groups; only with η > 0). Stochastic diffusers schedulers
+(e.g. SDE-DPM-Solver++) draw from a generator seeded by (seed, group, first patch of the batch): seeded, but
+dependent on the batch size.
 
 Execution. ``execution: per_group`` (default) takes each batch of a group's patches through the group's whole
 schedule: sum_g ceil(n_g / batch_size)·N_g denoiser calls; it holds one batch's x_t. ``per_step`` walks the
@@ -122,7 +123,8 @@ class PatchGroupSampler:
         prediction_type (str): what the denoiser predicts: 'sample' (x0, Patch-DiT), 'epsilon', 'v_prediction';
             default: the scheduler's own if it names one, else 'sample'.
         eta (float): DDIM η (0 = deterministic; 1 = ancestral DDPM on the chosen timesteps: StableSR's sampler).
-        temperature (float): scale of every noise draw (default 1: the model's own distribution). Below 1 the
+        temperature (float): scale of the sampler's noise draws, ε and the DDIM step noise (default 1: the model's own
+            distribution; a stochastic diffusers scheduler's own noise is not scaled). Below 1 the
             start y_τ = sqrt(ᾱ_τ)·y0 + temperature·sqrt(1 - ᾱ_τ)·ε holds less noise than the model expects at τ, so
             it turns less of it into detail: the output moves from a sample towards y0, trading detail for
             fidelity, as SRFlow's sampling temperature and StableSR's CFW weight w do. 0 is the deterministic walk
@@ -483,10 +485,10 @@ def sample(denoiser, y0, confidence=None, cond=None, prepare_cond=None, **sample
 def sampler_options(opt):
     """The sampler options ``{type: ..., ...}`` of a dict, a dict with a ``sampler`` section, or the path of a YAML
     file with one (``options/samplers/pgs_paper.yml``)."""
-    if isinstance(opt, str):
-        import yaml
-        with open(opt) as f:
-            opt = yaml.safe_load(f)
+    if isinstance(opt, str):  # read as option files are (a key given twice refused, 3e-1 a float)
+        from ..utils.option_yaml import load_yaml
+        with open(opt, encoding='utf-8') as f:
+            opt = load_yaml(f)
     if isinstance(opt, dict) and 'sampler' in opt and 'type' not in opt:
         opt = opt['sampler']
     return opt

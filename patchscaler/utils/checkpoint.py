@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import pickle
+import re
 import shlex
 import shutil
 import tempfile
@@ -30,14 +31,16 @@ def _umask():
 
 
 def writable_folder(folder, what='-o'):
-    """Make ``folder`` if needed and check that a file can be created in it, before any work is done: a path
-    that is a file, or a read-only folder, is one :class:`DataError` naming it (found only after every image was
-    computed before)."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise DataError(f'{what} {folder} is a file, not a folder')
+    """Check, before any work is done, that files can be written into ``folder`` (made later if it does not exist:
+    the check probes its nearest existing parent and creates nothing): a path that is a file, or a read-only folder,
+    is one :class:`DataError` naming it (found only after every image was computed before)."""
+    probe_in = os.path.abspath(folder)
+    while not os.path.exists(probe_in) and os.path.dirname(probe_in) != probe_in:
+        probe_in = os.path.dirname(probe_in)
+    if not os.path.isdir(probe_in):
+        raise DataError(f'{what} {folder}: {probe_in} is a file, not a folder')
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix='.write-check.', suffix='.tmp', dir=folder)
+        fd, probe = tempfile.mkstemp(prefix='.write-check.', suffix='.tmp', dir=probe_in)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -87,11 +90,13 @@ def atomic_write(path, write):
         raise
 
 
+_TEMPORARY = re.compile(r'^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$')  # mkstemp's 8 random characters
+
+
 def is_temporary(name):
     """Whether a file name is one of :func:`atomic_write`'s temporaries (``.<name>.<random>.tmp``), or one an older
     version left with an image extension after it (``.<name>.<random>.tmp.png``): never an input."""
-    base = os.path.basename(name)
-    return base.startswith('.') and ('.tmp' in base[1:])
+    return _TEMPORARY.match(os.path.basename(name)) is not None
 
 
 def _fsync_dir(folder):

@@ -29,15 +29,22 @@ class OptionLoader(yaml.SafeLoader):
 
 
 def _mapping(loader, node):
-    loader.flatten_mapping(node)  # YAML merge keys (<<) first: a merged key may be overridden, that is allowed
     seen = {}
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the mapping's own keys; keys merged in with << may be overridden
+        if key_node.tag == 'tag:yaml.org,2002:merge':
+            continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
-        if key in seen:
+        try:
+            again = key in seen
+        except TypeError:
+            raise ConfigError(f'{key_node.start_mark.name}: line {line}: a key must be a plain value, got '
+                              f'{type(key).__name__}') from None
+        if again:
             raise ConfigError(f"{key_node.start_mark.name}: the key '{key}' is given twice in one mapping (lines "
                               f"{seen[key]} and {line}); YAML would keep the last without a word")
         seen[key] = line
+    loader.flatten_mapping(node)  # merged pairs first, the mapping's own after them: its own win
     return OrderedDict(loader.construct_pairs(node, deep=True))
 
 

@@ -165,15 +165,16 @@ def _check_cosine_periods(scheduler, total_iter):
     """BasicSR's CosineAnnealingRestartLR has no learning rate past the sum of its periods (a TypeError at that
     iteration, e.g. after raising total_iter of a finished run): the periods must cover total_iter."""
     periods, weights = scheduler.get('periods'), scheduler.get('restart_weights', [1])
-    if not isinstance(periods, list) or not periods or not all(isinstance(p, int) and p > 0 for p in periods):
-        raise ConfigError(f'train.scheduler.periods must be a list of positive integers, got {periods!r}')
+    if not isinstance(periods, list) or not periods or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0 for p in periods):
+        raise ConfigError(f'train.scheduler.periods must be a list of positive numbers of iterations, got {periods!r}')
     if not isinstance(weights, list) or len(weights) != len(periods):
         raise ConfigError(f'train.scheduler.restart_weights must have one weight per period ({len(periods)}), got '
                           f'{weights!r}')
-    if isinstance(total_iter, int) and sum(periods) < total_iter:
+    if isinstance(total_iter, (int, float)) and sum(periods) < total_iter:
         raise ConfigError(f'train.scheduler.periods sum to {sum(periods)} but total_iter is {total_iter}: the learning '
                           f'rate is undefined after iteration {sum(periods)}; lengthen the periods (e.g. periods: '
-                          f'[{total_iter}]) or add one (periods: {periods + [total_iter - sum(periods)]}, '
+                          f'[{total_iter:g}]) or add one (periods: {periods + [total_iter - sum(periods)]}, '
                           f'restart_weights: {weights + [weights[-1]]})')
 
 
