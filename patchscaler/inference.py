@@ -201,15 +201,14 @@ def output_names(images, out_dir, suffix='', extras=()):
             stem = os.path.join(out_dir, rel.replace('.', '_') + suffix)
         out.append(stem)
     root = os.path.realpath(out_dir)
-    files = [stem + extra + '.png' for stem in out for extra in ('',) + tuple(extras)]
-    outside = [f for f in files if os.path.commonpath([root, os.path.realpath(f)]) != root]
+    files = [(f, os.path.realpath(f)) for f in (stem + extra + '.png' for stem in out for extra in ('', *extras))]
+    outside = [f for f, real in files if os.path.commonpath([root, real]) != root]
     if outside:
         raise DataError(f'output {outside[0]} would land outside -o {out_dir} (the suffix or an input name leaves '
                         f'it); use a plain --suffix')
     inputs = {os.path.realpath(os.path.join(r, rel)) for r, rel in images}
     seen = set()
-    for f in files:
-        real = os.path.realpath(f)
+    for f, real in files:
         if real in inputs or real in seen:
             what = 'an input' if real in inputs else 'another output'
             raise DataError(f'output {f} would overwrite {what}; choose another -o folder (or --suffix)')
@@ -299,33 +298,37 @@ def _upscale_file(pipeline, path, stem, seed, write):
     return out
 
 
-def _infer_one(pipeline, root, rel, stem, seed, write, save_qmap, summary, progress):
+def _infer_one(pipeline, root, rel, stem, seed, save_qmap, summary, progress):
     """One image of :func:`infer_paths`: written (and counted) or listed as failed, never raising but Ctrl-C."""
     from basicsr.utils import tensor2img
     from tqdm import tqdm
 
     from patchscaler.utils.visualize import confidence_to_bgr, qmap_overlay
-    path = os.path.join(root, rel)
+    path, sr_written = os.path.join(root, rel), False
     try:
-        out = _upscale_file(pipeline, path, stem, seed, write)
-        summary.written.append(stem + '.png')  # counted as soon as it is on disk (a Ctrl-C in the Qmap keeps it)
+        out = _upscale_file(pipeline, path, stem, seed, write_image)
+        sr_written = True
         if save_qmap and out.report is not None:
             view, r = tensor2img([out.sr[0].cpu()]), out.report
-            write(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
-            write(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
-                                                               size=(view.shape[1], view.shape[0])))
-    except (PatchScalerError, OSError) as e:
-        _failed(summary, path, stem, str(e).splitlines()[-1])
-        return
+            write_image(stem + '_qmap.png', qmap_overlay(view, r.qmap[0], r.groups[0], r.grid, r.group_names))
+            write_image(stem + '_confidence.png', confidence_to_bgr(out.confidence[0].cpu().numpy(),
+                                                                     size=(view.shape[1], view.shape[0])))
+    except KeyboardInterrupt:
+        if sr_written:  # a Ctrl-C in the Qmap keeps the SR image, which is on disk and whole
+            summary.written.append(stem + '.png')
+        raise
     except Exception as e:  # noqa: BLE001 - one image's failure must not lose the others' results
-        if 'out of memory' in str(e).lower():
+        if isinstance(e, (PatchScalerError, OSError)):
+            reason = str(e).splitlines()[-1]
+        elif 'out of memory' in str(e).lower():
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             reason = 'out of memory (set tile smaller, or use a smaller image)'
         else:
             reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
-        _failed(summary, path, stem, reason)
+        summary.failures.append((path, f'{reason} (the SR image {stem}.png was written)' if sr_written else reason))
         return
+    summary.written.append(stem + '.png')
     for k, v in out.seconds.items():
         summary.seconds[k] = summary.seconds.get(k, 0.0) + v
     if out.report is not None:
@@ -335,26 +338,15 @@ def _infer_one(pipeline, root, rel, stem, seed, write, save_qmap, summary, progr
         tqdm.write(f'{rel}: {out.report.summary()}')
 
 
-def _failed(summary, path, stem, reason):
-    if summary.written and summary.written[-1] == stem + '.png':  # the SR image is written, its Qmap is not
-        summary.written.pop()
-        reason = f'{reason} (the SR image {stem}.png was written)'
-    summary.failures.append((path, reason))
-
-
 def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, progress=True, shard=None):
     """Super-resolve every image of ``inputs`` into ``out_dir`` (subfolders kept); returns an InferSummary.
     ``shard=(rank, world)``: only the images ``rank::world`` of the sorted list, named as in the whole run."""
     from tqdm import tqdm
 
-
     images, skipped = walk_inputs(inputs)
     if not images:
         raise DataError(f'no images ({", ".join(IMG_EXTENSIONS)}) in {", ".join(inputs)}')
     summary = InferSummary(skipped=skipped)
-
-    write = write_image  # encoded in memory, written atomically: any file name, no partial file on Ctrl-C
-
     jobs = list(zip(images, output_names(images, out_dir, suffix, ('_qmap', '_confidence') if save_qmap else ())))
     rank, world = shard or (0, 1)
     desc = f'SR (rank {rank} of {world})' if shard else 'SR'
@@ -362,7 +354,7 @@ def infer_paths(pipeline, inputs, out_dir, save_qmap=False, suffix='', seed=0, p
     done = 0
     try:  # Ctrl-C anywhere in the loop: what was written is kept and listed (the file being written is not)
         for (root, rel), stem in tqdm(todo, desc=desc, unit='img', disable=not progress):
-            _infer_one(pipeline, root, rel, stem, seed, write, save_qmap, summary, progress)
+            _infer_one(pipeline, root, rel, stem, seed, save_qmap, summary, progress)
             done += 1
     except KeyboardInterrupt:
         summary.interrupted = len(todo) - done

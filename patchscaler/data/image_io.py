@@ -23,6 +23,7 @@ import os
 import cv2
 import numpy as np
 
+from patchscaler.utils.checkpoint import atomic_write, is_temporary
 from patchscaler.utils.errors import DataError
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -36,22 +37,19 @@ _ORIENT = {  # EXIF orientation -> how to turn the stored pixels upright
     8: lambda x: cv2.rotate(x, cv2.ROTATE_90_COUNTERCLOCKWISE)}
 
 
-def _exif_orientation(buf):
+def _pil_header(buf):
+    """(PIL's mode, EXIF orientation) from the file's header, one PIL open; (None, 1) for a format PIL does not
+    read (stored orientation)."""
     try:
         from PIL import Image
         with Image.open(io.BytesIO(buf)) as im:
-            return int(im.getexif().get(0x0112, 1))
-    except Exception:  # no EXIF, or a format PIL does not know: stored orientation
-        return 1
-
-
-def _pil_mode(buf):
-    try:
-        from PIL import Image
-        with Image.open(io.BytesIO(buf)) as im:
-            return im.mode
-    except Exception:  # noqa: BLE001 - a format PIL does not read
-        return None
+            mode = im.mode
+            try:
+                return mode, int(im.getexif().get(0x0112, 1))
+            except Exception:  # noqa: BLE001 - unreadable EXIF: stored orientation
+                return mode, 1
+    except Exception:  # noqa: BLE001
+        return None, 1
 
 
 def decode_image(buf, name='<bytes>', with_alpha=False, with_stored=False):
@@ -70,10 +68,10 @@ def decode_image(buf, name='<bytes>', with_alpha=False, with_stored=False):
         raise DataError(f'{name}: cannot decode image ({str(e).strip().splitlines()[-1]})') from None
     if img is None or img.size == 0:
         raise DataError(f'{name}: cannot decode image (corrupt, truncated or not an image)')
-    gray = img.ndim == 2 or img.shape[2] in (1, 2) or (img.shape[2] == 4 and _pil_mode(buf) in ('LA', 'La', 'PA'))
+    mode, orientation = _pil_header(buf)
+    gray = img.ndim == 2 or img.shape[2] in (1, 2) or (img.shape[2] == 4 and mode in ('LA', 'La', 'PA'))
     stored = {'channels': 1 if gray else 3,  # OpenCV decodes a gray+alpha PNG as BGRA: the header says gray
               'bits': 16 if img.dtype == np.uint16 else 8 if img.dtype == np.uint8 else 32}
-    orientation = _exif_orientation(buf)
     if orientation in _ORIENT:
         img = _ORIENT[orientation](img)
     if img.dtype == np.uint8:
@@ -107,23 +105,26 @@ def decode_image(buf, name='<bytes>', with_alpha=False, with_stored=False):
     return out if len(out) > 1 else out[0]
 
 
-def read_image(path, with_alpha=False, with_stored=False):
-    """Read a file from disk with :func:`decode_image`."""
+def read_bytes(path):
+    """The file's bytes; :class:`DataError` naming it if it cannot be read."""
     try:
         with open(path, 'rb') as f:
-            buf = f.read()
+            return f.read()
     except OSError as e:
         raise DataError(f'{path}: cannot read ({e.strerror})') from None
-    return decode_image(buf, path, with_alpha, with_stored)
+
+
+def read_image(path, with_alpha=False, with_stored=False):
+    """Read a file from disk with :func:`decode_image`."""
+    return decode_image(read_bytes(path), path, with_alpha, with_stored)
 
 
 def read_image_raw(path, flags=cv2.IMREAD_UNCHANGED):
     """The file's pixels as OpenCV decodes them (no conversion), or None if it is missing or does not decode:
     ``cv2.imread`` for any path (it reads with Python's file API)."""
     try:
-        with open(path, 'rb') as f:
-            buf = f.read()
-    except OSError:
+        buf = read_bytes(path)
+    except DataError:
         return None
     try:
         return cv2.imdecode(np.frombuffer(buf, np.uint8), flags) if buf else None
@@ -145,7 +146,6 @@ def encode_image(array, ext='.png', name='<image>'):
 def write_image(path, array):
     """Write ``array`` to ``path`` in the format its extension names (PNG without one), atomically: any path the
     OS allows, never a partial file (see the module docstring). Folders are made as needed."""
-    from patchscaler.utils.checkpoint import atomic_write
     path = os.fspath(path)
     data = encode_image(array, os.path.splitext(path)[1] or '.png', path)
 
@@ -157,7 +157,6 @@ def write_image(path, array):
 
 def is_image_name(name):
     """An image extension, and not one of :func:`~patchscaler.utils.checkpoint.atomic_write`'s temporaries."""
-    from patchscaler.utils.checkpoint import is_temporary
     return name.lower().endswith(IMG_EXTENSIONS) and not is_temporary(name)
 
 
@@ -226,11 +225,7 @@ class ImageSource:
     def get_bytes(self, index):
         key = self.keys[index]
         if not self.is_lmdb:
-            try:
-                with open(os.path.join(self.root, key), 'rb') as f:
-                    return f.read()
-            except OSError as e:
-                raise DataError(f'{os.path.join(self.root, key)}: cannot read ({e.strerror})') from None
+            return read_bytes(os.path.join(self.root, key))
         with _lmdb_env(self.root).begin(write=False) as txn:
             buf = txn.get(key.encode('ascii'))
         if buf is None:
